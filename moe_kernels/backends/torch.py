@@ -1,0 +1,110 @@
+"""Backend "torch": the pipeline's stages as vectorised PyTorch, differentiable through plain autograd.
+
+No Python loop over experts: one sort builds the permutation, ``torch._grouped_mm`` runs every expert's
+GEMM in one call (a padded batched matmul where grouped_mm does not apply), and the combine is a gather
+plus a fixed-order sum over k. This is the CPU path and the correctness baseline of the kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import routing as routers
+from ..activations import activate
+from ..pipeline import Permutation, RouterConfig
+from ..routing import Routing
+
+
+def route(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
+    if config.router == "noisy_topk":
+        return routers.noisy_topk(logits, noise_logits, config.k, noise, config.noise_epsilon)
+    if config.router == "switch":
+        return routers.switch(logits)
+    return routers.topk(logits, config.k, config.renormalize)
+
+
+def permute(experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
+    """experts [T, k] int → Permutation with block_m = 1 (no padding); see pipeline's layout."""
+    num_tokens, k = experts.shape
+    device = experts.device
+    # Slot-major flattening makes a stable sort by expert yield the capacity priority order directly.
+    slot_major_experts = experts.t().reshape(-1).long()
+    order = torch.sort(slot_major_experts, stable=True).indices
+    counts = torch.bincount(slot_major_experts, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(num_tokens * k, device=device) - starts[slot_major_experts[order]]
+    kept = torch.ones_like(order, dtype=torch.bool) if capacity is None else rank_in_expert < capacity
+    kept_counts = counts if capacity is None else counts.clamp(max=capacity)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    offsets[1:] = torch.cumsum(kept_counts, 0)
+
+    # order[i] is a slot-major index s·T + t; the pipeline numbers assignments token-major, t·k + s.
+    slot, token = order // max(num_tokens, 1), order % max(num_tokens, 1)
+    assignment = token * k + slot
+    rows = offsets[slot_major_experts[order]] + rank_in_expert
+    sorted_rows = torch.full((num_tokens * k,), -1, dtype=torch.int32, device=device)
+    sorted_rows[assignment[kept]] = rows[kept].to(torch.int32)
+    sorted_assignments = torch.full((num_tokens * k,), -1, dtype=torch.int32, device=device)
+    sorted_assignments[rows[kept]] = assignment[kept].to(torch.int32)
+    return Permutation(
+        tokens_per_expert=kept_counts.to(torch.int32),
+        expert_offsets=offsets.to(torch.int32),
+        sorted_rows=sorted_rows.view(num_tokens, k),
+        sorted_assignments=sorted_assignments,
+    )
+
+
+def _grouped_mm_applies(a: Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if a.device.type == "cpu":
+        return a.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    # CUDA's grouped GEMM is the sm90 bf16 kernel (and needs 16-byte aligned rows).
+    return a.device.type == "cuda" and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
+
+
+def grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutation) -> Tensor:
+    """rows [R, n_in] in sorted order, weight [E, n_out, n_in] → rows[i] · weight[e(i)]ᵀ, [R, n_out]."""
+    ends = permutation.expert_offsets[1:]
+    if _grouped_mm_applies(rows):
+        return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
+    return _padded_grouped_matmul(rows, weight, permutation)
+
+
+def _padded_grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutation) -> Tensor:
+    """The same product as one batched matmul over segments padded to the largest one (waits on the device)."""
+    num_experts = weight.shape[0]
+    counts = permutation.tokens_per_expert.long()
+    starts = permutation.expert_offsets[:-1].long()
+    longest = int(counts.max()) if num_experts else 0
+    rank = torch.arange(longest, device=rows.device)
+    valid = rank[None, :] < counts[:, None]
+    row_index = torch.where(valid, starts[:, None] + rank[None, :], 0)
+    products = torch.bmm(rows[row_index], weight.transpose(1, 2))
+    out = rows.new_zeros(rows.shape[0], weight.shape[1])
+    return out.index_put((row_index[valid],), products[valid])
+
+
+def expert_up(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
+    tokens = permutation.sorted_assignments.clamp(min=0) // permutation.sorted_rows.shape[1]
+    pre_activation = grouped_matmul(x[tokens], up_weight.to(x.dtype), permutation)
+    return activate(pre_activation, activation)
+
+
+def expert_down_combine(hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
+    expert_outputs = grouped_matmul(hidden, down_weight.to(hidden.dtype), permutation)
+    kept = permutation.sorted_rows >= 0
+    per_assignment = expert_outputs[permutation.sorted_rows.clamp(min=0).long()].float()
+    # where, not a multiply by zero: a dropped slot must not pick up a non-finite row of another token.
+    contributions = torch.where(kept.unsqueeze(-1), weights.unsqueeze(-1) * per_assignment, 0.0)
+    return contributions.sum(1).to(hidden.dtype)
+
+
+class TorchBackend:
+    """The stage functions above as a pipeline Backend."""
+
+    name = "torch"
+    route = staticmethod(route)
+    permute = staticmethod(permute)
+    expert_up = staticmethod(expert_up)
+    expert_down_combine = staticmethod(expert_down_combine)
