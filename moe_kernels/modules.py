@@ -146,12 +146,16 @@ class MoEBase(nn.Module):
     def _router_inputs(self, tokens: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Router logits in float32 (Switch §2.4, selective precision), noise logits and the N(0,1) draw.
 
-        tokens: [T, d]. Returns logits [T, E] float32, and for noisy top-k the noise logits [T, E] float32
-        and, in training, the noise [T, E] float32 (the forward's first random draw); else None.
+        tokens: [T, d]. Returns logits [T, E], and for noisy top-k the noise logits [T, E] and, in training,
+        the noise [T, E] (the forward's first random draw, taken in float32); else None. All three are
+        float32, or float64 for float64 tokens so that gradcheck sees exact routing.
         """
-        logits = F.linear(tokens.float(), self.gate.weight.float())
+        router_dtype = torch.promote_types(tokens.dtype, torch.float32)
+        logits = F.linear(tokens.to(router_dtype), self.gate.weight.to(router_dtype))
         if self.router != "noisy_topk":
             return logits, None, None
-        noise_logits = F.linear(tokens.float(), self.gate.noise_weight.float())
-        noise = torch.randn(tokens.shape[0], self.num_experts, device=tokens.device) if self.training else None
+        noise_logits = F.linear(tokens.to(router_dtype), self.gate.noise_weight.to(router_dtype))
+        noise = None
+        if self.training:
+            noise = torch.randn(tokens.shape[0], self.num_experts, device=tokens.device).to(router_dtype)
         return logits, noise_logits, noise

@@ -86,8 +86,9 @@ class Backend(Protocol):
     def expert_down_combine(self, hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
         """y[t] = Σ_s weights[t, s]·(hidden[row(t, s)] · down_weight[e]ᵀ), dropped assignments adding zero.
 
-        hidden: [R, d_ff]; down_weight: [E, d, d_ff]; weights: [T, k] float32. Returns [T, d] in hidden's
-        dtype, accumulated in float32 and summed over k in a fixed order (deterministic).
+        hidden: [R, d_ff]; down_weight: [E, d, d_ff]; weights: [T, k] float32 (float64 for float64 hidden).
+        Returns [T, d] in hidden's dtype, accumulated in weights' dtype and summed over k in a fixed order
+        (deterministic).
         """
 
 

@@ -44,7 +44,8 @@ class MoE(MoEBase):
 
         capacity = expert_capacity(self.capacity_factor, tokens.shape[0], self.k, self.num_experts)
         kept = kept_assignments(routing.experts, self.num_experts, capacity)
-        y = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
+        # Accumulate in the router's precision: float32, or float64 for float64 inputs.
+        y = torch.zeros(tokens.shape, dtype=routing.weights.dtype, device=x.device)
         for expert in range(self.num_experts):
             token_index, slot_index = torch.where((routing.experts == expert) & kept)
             if token_index.numel() == 0:
@@ -52,5 +53,5 @@ class MoE(MoEBase):
             hidden = activate(tokens[token_index] @ self.experts.up_weight[expert].to(x.dtype).t(), self.activation)
             expert_output = hidden @ self.experts.down_proj[expert].to(x.dtype).t()
             gate = routing.weights[token_index, slot_index].unsqueeze(-1)
-            y = y.index_add(0, token_index, gate * expert_output.float())
+            y = y.index_add(0, token_index, gate * expert_output.to(y.dtype))
         return y.to(x.dtype).view(x.shape)

@@ -2,7 +2,8 @@
 
 This file is the mathematical definition of routing for the whole package: the reference layer and
 backend "torch" call these functions, and the Triton and native gating kernels compute the same
-quantities. Every function takes router logits in float32 and is differentiable.
+quantities. Every function takes router logits in float32 (float64 for gradcheck), returns floats in the
+logits' dtype, and is differentiable.
 
 Conventions shared by every router and every backend:
 - ``weights`` [T, k] float32 and ``experts`` [T, k] int32, slot s holding the token's s-th choice in
@@ -55,7 +56,7 @@ def _statistics(logits: Tensor, weights: Tensor, experts: Tensor) -> tuple[Tenso
     num_experts = logits.shape[-1]
     experts64 = experts.long()
     importance = logits.new_zeros(num_experts).index_add(0, experts64.flatten(), weights.flatten())
-    counts = torch.bincount(experts64.flatten(), minlength=num_experts).to(torch.float32)
+    counts = torch.bincount(experts64.flatten(), minlength=num_experts).to(logits.dtype)
     probability_sum = torch.softmax(logits, dim=-1).sum(0)
     return importance, counts, probability_sum, torch.logsumexp(logits, dim=-1)
 

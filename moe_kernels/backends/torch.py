@@ -54,19 +54,25 @@ def permute(experts: Tensor, num_experts: int, capacity: int | None) -> Permutat
     )
 
 
-def _grouped_mm_applies(a: Tensor) -> bool:
+def _grouped_mm_applies(rows: Tensor, weight: Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if a.device.type == "cpu":
-        return a.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    # CUDA's grouped GEMM is the sm90 bf16 kernel (and needs 16-byte aligned rows).
-    return a.device.type == "cuda" and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
+    # grouped_mm wants every row of both operands and of the output 16-byte aligned.
+    elements_per_16_bytes = 16 // rows.element_size()
+    if any(size % elements_per_16_bytes for size in weight.shape[1:]):
+        return False
+    if rows.device.type == "cpu":
+        return rows.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    # CUDA's grouped GEMM is the sm90 bf16 kernel.
+    return rows.device.type == "cuda" and rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0)
 
 
 def grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutation) -> Tensor:
     """rows [R, n_in] in sorted order, weight [E, n_out, n_in] → rows[i] · weight[e(i)]ᵀ, [R, n_out]."""
-    ends = permutation.expert_offsets[1:]
-    if _grouped_mm_applies(rows):
+    # The last segment runs to the end of the buffer so that no output row is left uninitialised:
+    # the unused rows (capacity drops) are zero rows, whose products and gradients are zero.
+    ends = torch.cat([permutation.expert_offsets[1:-1], permutation.expert_offsets.new_tensor([rows.shape[0]])])
+    if _grouped_mm_applies(rows, weight):
         return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
     return _padded_grouped_matmul(rows, weight, permutation)
 
@@ -86,15 +92,19 @@ def _padded_grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutatio
 
 
 def expert_up(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
-    tokens = permutation.sorted_assignments.clamp(min=0) // permutation.sorted_rows.shape[1]
-    pre_activation = grouped_matmul(x[tokens], up_weight.to(x.dtype), permutation)
+    num_tokens, k = permutation.sorted_rows.shape
+    assignments = permutation.sorted_assignments
+    # Unused rows read an appended zero token, so nothing of a real token leaks into them.
+    tokens = torch.where(assignments >= 0, assignments // k, num_tokens)
+    x_and_zero_row = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    pre_activation = grouped_matmul(x_and_zero_row[tokens], up_weight.to(x.dtype), permutation)
     return activate(pre_activation, activation)
 
 
 def expert_down_combine(hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
     expert_outputs = grouped_matmul(hidden, down_weight.to(hidden.dtype), permutation)
     kept = permutation.sorted_rows >= 0
-    per_assignment = expert_outputs[permutation.sorted_rows.clamp(min=0).long()].float()
+    per_assignment = expert_outputs[permutation.sorted_rows.clamp(min=0).long()].to(weights.dtype)
     # where, not a multiply by zero: a dropped slot must not pick up a non-finite row of another token.
     contributions = torch.where(kept.unsqueeze(-1), weights.unsqueeze(-1) * per_assignment, 0.0)
     return contributions.sum(1).to(hidden.dtype)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what moe_kernels needs into the current python3, then the package itself (editable, with its
+# native extension). A torch that is already installed is kept (the GPU machine has its own CUDA build
+# and no network); otherwise torch 2.13.0 is pinned so pip never resolves a CUDA build.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+
+pip_install() { "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    pip_install torch==2.13.0
+fi
+# Installed only where missing: pip is never asked to re-resolve torch's dependencies.
+declare -A requirements=([triton]="triton==3.9.0" [pytest]="pytest" [pytest_benchmark]="pytest-benchmark"
+                         [ninja]="ninja" [pybind11]="pybind11" [setuptools]="setuptools")
+missing=()
+for module in "${!requirements[@]}"; do
+    "$PYTHON" -c "import $module" 2>/dev/null || missing+=("${requirements[$module]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    pip_install "${missing[@]}"
+fi
+MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation --no-deps -e .
+"$PYTHON" -c "import moe_kernels; print('moe_kernels backends:', ', '.join(moe_kernels.available_backends()))"

@@ -1,0 +1,77 @@
+"""Building layers and comparing against the float64 reference, shared by the test files.
+
+Tolerance rule (flash-attention's): a fast result's error against the float64 reference may be at most
+``factor`` times the error of the reference layer run at the same precision (2 for outputs, 3 for
+gradients), with a floor of ``RELATIVE_FLOOR[dtype]`` times the reference's magnitude.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import moe_kernels
+from moe_kernels import reference
+
+RELATIVE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def randomize_(layer: torch.nn.Module, skew: bool = False) -> torch.nn.Module:
+    """Fresh N(0, σ) parameters (σ keeps activations O(1)); ``skew`` makes expert 0 win every token."""
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(0.0, parameter.shape[-1] ** -0.5)
+        if skew:
+            layer.gate.weight[0] += 50.0 * layer.gate.weight[0].sign()
+    return layer
+
+
+def skewed_input(shape, skew: bool, layer) -> torch.Tensor:
+    """Random tokens; with ``skew`` each token is aligned with expert 0's gate row so it always wins."""
+    x = torch.randn(shape)
+    if skew:
+        x = x + 3.0 * layer.gate.weight[0].sign()
+    return x
+
+
+def layer_triplet(dtype: torch.dtype, backend: str = "torch", skew: bool = False, **arguments):
+    """(reference in float64, reference in dtype, fast layer in dtype), all with the same parameters."""
+    base = randomize_(reference.MoE(**arguments), skew)
+    reference64 = copy.deepcopy(base).double()
+    reference_low = copy.deepcopy(base).to(dtype)
+    fast = moe_kernels.MoE.from_reference(copy.deepcopy(base).to(dtype), backend=backend)
+    return reference64, reference_low, fast
+
+
+def run(layer, x: torch.Tensor, dy: torch.Tensor, seed: int):
+    """Forward and backward of y·dy + aux_loss; returns y, aux_loss and every gradient (x first) in float64."""
+    x = x.detach().to(next(layer.parameters()).dtype).requires_grad_()
+    torch.manual_seed(seed)
+    y = layer(x)
+    loss = (y.double() * dy).sum() + layer.aux_loss.double()
+    parameters = list(layer.parameters())
+    grads = torch.autograd.grad(loss, [x] + parameters, allow_unused=True)
+    grads = [torch.zeros_like(p, dtype=torch.float64) if g is None else g.double() for p, g in zip([x] + parameters, grads)]
+    return y.double(), layer.aux_loss.double(), grads
+
+
+def assert_close(actual, baseline, exact, dtype, factor: float, what: str):
+    """|actual − exact| ≤ max(factor·|baseline − exact|, floor·max|exact|), elementwise maxima."""
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    error = (actual - exact).abs().max().item() if exact.numel() else 0.0
+    baseline_error = (baseline - exact).abs().max().item() if exact.numel() else 0.0
+    bound = max(factor * baseline_error, RELATIVE_FLOOR[dtype] * scale, 1e-12)
+    assert error <= bound, f"{what}: error {error:.3g} > bound {bound:.3g} (baseline error {baseline_error:.3g}, scale {scale:.3g})"
+
+
+def assert_layer_matches(reference64, reference_low, fast, x, dtype, seed: int = 0):
+    """The fast layer's output, aux_loss and every gradient against the float64 reference."""
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    exact = run(reference64, x, dy, seed)
+    baseline = run(reference_low, x, dy, seed)
+    actual = run(fast, x, dy, seed)
+    assert_close(actual[0], baseline[0], exact[0], dtype, 2, "output")
+    assert_close(actual[1], baseline[1], exact[1], dtype, 2, "aux_loss")
+    names = ["x"] + [name for name, _ in fast.named_parameters()]
+    for name, a, b, e in zip(names, actual[2], baseline[2], exact[2]):
+        assert_close(a, b, e, dtype, 3, f"grad of {name}")

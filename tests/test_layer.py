@@ -1,0 +1,109 @@
+"""The fast layer (backend "torch") against the reference: outputs, aux_loss and every gradient."""
+import copy
+
+import pytest
+import torch
+
+import moe_kernels
+from helpers import assert_layer_matches, layer_triplet, randomize_, skewed_input
+from moe_kernels import reference
+
+# (d_model, d_ff, num_experts, k, router, activation, capacity_factor, renormalize, tokens, skew)
+CASES = [
+    (16, 24, 4, 2, "topk", "swiglu", None, True, 33, False),
+    (13, 7, 5, 1, "topk", "relu", None, True, 1, False),
+    (12, 10, 6, 6, "topk", "geglu", None, True, 17, False),
+    (8, 5, 64, 8, "topk", "silu", None, True, 50, False),
+    (10, 12, 8, 2, "noisy_topk", "gelu", None, True, 40, False),
+    (16, 16, 8, 1, "switch", "relu", 1.0, True, 64, False),
+    (11, 9, 6, 3, "topk", "swiglu", 0.5, True, 31, False),
+    (9, 14, 7, 2, "topk", "swiglu", None, False, 29, False),
+    (16, 8, 8, 2, "topk", "swiglu", None, True, 45, True),
+    (16, 8, 8, 2, "topk", "swiglu", 1.0, True, 45, True),
+]
+
+
+def _arguments(case):
+    d, d_ff, experts, k, router, activation, capacity, renormalize, tokens, skew = case
+    arguments = dict(d_model=d, d_ff=d_ff, num_experts=experts, k=k, router=router, activation=activation,
+                     capacity_factor=capacity, renormalize=renormalize)
+    return arguments, tokens, skew
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fast_layer_matches_reference(case, dtype):
+    arguments, tokens, skew = _arguments(case)
+    torch.manual_seed(hash(case) % 2**31)
+    reference64, reference_low, fast = layer_triplet(dtype, skew=skew, **arguments)
+    x = skewed_input((tokens, arguments["d_model"]), skew, reference64)
+    assert_layer_matches(reference64, reference_low, fast, x, dtype)
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk"])
+def test_eval_mode_matches_reference(router):
+    torch.manual_seed(7)
+    reference64, reference_low, fast = layer_triplet(torch.float32, d_model=12, d_ff=10, num_experts=6, k=2, router=router)
+    for layer in (reference64, reference_low, fast):
+        layer.eval()
+    assert_layer_matches(reference64, reference_low, fast, torch.randn(3, 11, 12), torch.float32)
+
+
+def test_leading_dimensions_are_kept():
+    layer = randomize_(moe_kernels.MoE(8, 6, 4, k=2))
+    x = torch.randn(2, 3, 5, 8)
+    assert layer(x).shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)])
+def test_empty_batch_returns_empty_output(shape):
+    layer = randomize_(moe_kernels.MoE(8, 6, 4, k=2, capacity_factor=1.0))
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    (y.sum() + layer.aux_loss).backward()
+    assert layer.aux_loss.item() == 0.0
+
+
+def test_non_finite_token_only_changes_its_own_row():
+    torch.manual_seed(3)
+    reference_layer = randomize_(reference.MoE(8, 6, 4, k=2, capacity_factor=2.0))
+    fast = moe_kernels.MoE.from_reference(copy.deepcopy(reference_layer))
+    x = torch.randn(20, 8)
+    poisoned = x.clone()
+    poisoned[5] = float("nan")
+    poisoned[9, 2] = float("inf")
+    y = fast(poisoned)
+    finite_rows = [row for row in range(20) if row not in (5, 9)]
+    torch.testing.assert_close(y[finite_rows], reference_layer(x)[finite_rows], rtol=1e-5, atol=1e-6)
+    assert not torch.isfinite(y[5]).any()
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "switch"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_gradcheck_float64(router, capacity_factor):
+    torch.manual_seed(11)
+    k = 1 if router == "switch" else 2
+    layer = randomize_(moe_kernels.MoE(6, 5, 4, k=k, router=router, capacity_factor=capacity_factor, backend="torch"))
+    layer = layer.double()
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    parameters = tuple(layer.parameters())
+
+    def forward(x, *_):
+        torch.manual_seed(0)
+        return layer(x), layer.aux_loss
+
+    assert torch.autograd.gradcheck(forward, (x,) + parameters)
+
+
+def test_noise_is_the_first_random_draw():
+    torch.manual_seed(5)
+    layer = randomize_(reference.MoE(8, 6, 5, k=2, router="noisy_topk"))
+    x = torch.randn(9, 8)
+    torch.manual_seed(1)
+    layer(x)
+    first = layer.aux_loss
+    torch.manual_seed(1)
+    torch.randn(9, 5)  # the draw the layer would take: skipping it must change the result
+    layer(x)
+    assert not torch.equal(first, layer.aux_loss)
