@@ -45,14 +45,15 @@ def layer_triplet(dtype: torch.dtype, backend: str = "torch", skew: bool = False
 
 def run(layer, x: torch.Tensor, dy: torch.Tensor, seed: int):
     """Forward and backward of y·dy + aux_loss; returns y, aux_loss and every gradient (x first) in float64."""
-    x = x.detach().to(next(layer.parameters()).dtype).requires_grad_()
+    some_parameter = next(layer.parameters())
+    x = x.detach().to(some_parameter.device, some_parameter.dtype).requires_grad_()
     torch.manual_seed(seed)
     y = layer(x)
-    loss = (y.double() * dy).sum() + layer.aux_loss.double()
+    loss = (y.double() * dy.to(y.device)).sum() + layer.aux_loss.double()
     parameters = list(layer.parameters())
     grads = torch.autograd.grad(loss, [x] + parameters, allow_unused=True)
     grads = [torch.zeros_like(p, dtype=torch.float64) if g is None else g.double() for p, g in zip([x] + parameters, grads)]
-    return y.double(), layer.aux_loss.double(), grads
+    return y.double().cpu(), layer.aux_loss.double().cpu(), [g.cpu() for g in grads]
 
 
 def assert_close(actual, baseline, exact, dtype, factor: float, what: str):
