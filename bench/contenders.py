@@ -28,6 +28,9 @@ from moe_kernels.backends import BACKENDS, resolve
 from .configs import BenchConfig
 from .inputs import route
 
+# The loop's backward: indexing expert e of a stacked Parameter gives a full-size zero gradient per expert
+# used, so one backward writes min(E, T·k) × the weights' bytes. Above this the loop's fwd+bwd is not run.
+LOOP_BACKWARD_LIMIT_BYTES = {"cuda": 64 << 30, "cpu": 3 << 29}
 # batched_mm gathers one copy of the expert weights per assignment; above this it is not run.
 BATCHED_MM_GATHER_LIMIT_BYTES = {"cuda": 8 << 30, "cpu": 1 << 30}
 
@@ -43,10 +46,12 @@ class Unavailable(Exception):
 
 @dataclass
 class Prepared:
-    """forward: tokens [T, d] → [T, d] in the tokens' dtype; parameters: the leaves a backward reaches."""
+    """forward: tokens [T, d] → [T, d] in the tokens' dtype; parameters: the leaves a backward reaches;
+    no_backward: why forward+backward is not run, or None."""
 
     forward: Callable[[Tensor], Tensor]
     parameters: list[Tensor]
+    no_backward: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,14 @@ class Contender:
 
 
 def _loop(layer, config, num_tokens) -> Prepared:
-    return Prepared(layer, list(layer.parameters()))
+    parameters = list(layer.parameters())
+    device = parameters[0].device
+    expert_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+    gradient_bytes = min(config.num_experts, num_tokens * config.k) * expert_bytes
+    no_backward = None
+    if gradient_bytes > LOOP_BACKWARD_LIMIT_BYTES[device.type]:
+        no_backward = f"backward would write {gradient_bytes / 2**30:.1f} GiB of per-expert zero gradients"
+    return Prepared(layer, parameters, no_backward)
 
 
 def _ours(backend: str):

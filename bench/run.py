@@ -103,7 +103,9 @@ def measure_point(config, routing_mode, num_tokens, layer, reference64, device, 
                    "median_ms": None, "p20_ms": None, "p80_ms": None, "repeats": None, "speedup": None,
                    "tflops": None, "dense_share": None, "gbps": None, "peak_bytes": None,
                    "max_abs_err": None, "err_reference": None}
-            if status == "ok":
+            if status == "ok" and pass_name == "fwd+bwd" and prepared.no_backward:
+                row["status"], row["reason"] = "n/a", prepared.no_backward
+            if row["status"] == "ok":
                 _time_into(row, prepared, buffers, config, device, dense_tflops, element_size)
                 if pass_name == "fwd":
                     row["max_abs_err"], row["err_reference"] = error, err_reference
@@ -147,6 +149,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--routings", nargs="+", choices=bench_configs.ROUTINGS, default=list(bench_configs.ROUTINGS))
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; later points are 'skipped'")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default 1 on cpu: on a shared machine a busy neighbour stalls every "
+                             "parallel region of a multi-threaded run, 10-30x here)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default=None, help="file stem (default: <device>-<date>)")
     return parser.parse_args(argv)
@@ -173,12 +178,14 @@ def _default_name(device) -> str:
 def main(argv=None) -> Path:
     args = parse_arguments(argv)
     device = torch.device(args.device)
+    if device.type == "cpu" or args.threads:
+        torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     layer_configs = bench_configs.select(bench_configs.GPU_CONFIGS if device.type == "cuda" else bench_configs.CPU_CONFIGS, args.configs)
     token_counts = _token_counts(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (args.name or _default_name(device))
-    meta = {**environment(device, dtype), "tokens": token_counts, "contenders": [c.name for c in CONTENDERS],
+    meta = {**environment(device, dtype), "tokens": token_counts, "threads": torch.get_num_threads(), "contenders": [c.name for c in CONTENDERS],
             "configs": [{**c.layer_arguments(), "name": c.name, "source": c.source} for c in layer_configs],
             "method": __doc__.split("\n\n", 2)[2].strip()}
     deadline = time.monotonic() + (args.time_budget or float("inf"))
@@ -206,7 +213,7 @@ def main(argv=None) -> Path:
 
 
 def _preamble(meta: dict) -> str:
-    keys = ("date_utc", "device", "dtype", "python", "torch", "cuda", "triton", "transformers", "numpy", "moe_kernels_commit", "argv")
+    keys = ("date_utc", "device", "threads", "dtype", "python", "torch", "cuda", "triton", "transformers", "numpy", "moe_kernels_commit", "argv")
     return "".join(f"# {key}: {meta[key]}\n" for key in keys) + "".join(f"# {line}\n" for line in meta["method"].splitlines()) + "\n"
 
 

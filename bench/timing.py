@@ -26,10 +26,9 @@ class Timing:
     repeats: int
 
 
-def time_cpu(fn: Callable[[], object], min_repeats: int = 5, max_repeats: int = 50, budget_s: float = 0.5) -> Timing:
-    """Warm ``fn`` twice, then call it until ``budget_s`` seconds or ``max_repeats`` calls (at least ``min_repeats``)."""
-    for _ in range(2):
-        fn()
+def time_cpu(fn: Callable[[], object], min_repeats: int = 3, max_repeats: int = 40, budget_s: float = 0.3) -> Timing:
+    """Warm ``fn`` once, then call it until ``budget_s`` seconds or ``max_repeats`` calls (at least ``min_repeats``)."""
+    fn()
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - start < budget_s):
