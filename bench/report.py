@@ -1,6 +1,6 @@
 """What a run leaves behind: a progress bar, the terminal table, the JSON file and the versions in it.
 
-Units in the table: ms (median, and p20–p80 in brackets), speedup over the loop (×), TFLOP/s, % of a
+Units in the table: busy% (the busiest expert's share of the T·k assignments), ms (median, and p20–p80 in brackets), speedup over the loop (×), TFLOP/s, % of a
 dense matmul of the same FLOPs, GB/s (forward only), peak memory in MiB (CUDA only), max abs error.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _num(value, pattern: str) -> str:
 
 
 HEADER = (
-    f"{'config':<22} {'route':<7} {'T':>5} {'contender':<17} | {'fwd ms [p20-p80]':<24} {'x loop':>7} "
+    f"{'config':<22} {'route':<7} {'T':>5} {'busy%':>5} {'contender':<17} | {'fwd ms [p20-p80]':<24} {'x loop':>7} "
     f"{'TFLOP/s':>8} {'%dense':>6} {'GB/s':>7} | {'fwd+bwd ms [p20-p80]':<24} {'x loop':>7} {'TFLOP/s':>8} | "
     f"{'peak MiB':>8} {'max err':>8}"
 )
@@ -104,7 +104,7 @@ def table(rows: list[dict]) -> str:
         )
         peak = forward["peak_bytes"]
         lines.append(
-            f"{config:<22} {routing:<7} {tokens:>5} {contender:<17} | {_ms(forward):<24} "
+            f"{config:<22} {routing:<7} {tokens:>5} {100 * forward['busiest_expert_share']:>5.0f} {contender:<17} | {_ms(forward):<24} "
             f"{_num(forward['speedup'], '.2f'):>7} {_num(forward['tflops'], '.3g'):>8} "
             f"{_num(forward['dense_share'] and 100 * forward['dense_share'], '.0f'):>6} {_num(forward['gbps'], '.3g'):>7} | "
             f"{backward_cells} | {_num(peak and peak / 2**20, '.1f'):>8} {_num(forward['max_abs_err'], '.1e'):>8}"
@@ -117,4 +117,6 @@ def table(rows: list[dict]) -> str:
 
 
 def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    """``{"meta": {...}, "rows": [...]}`` with one row a line, so that a diff of two runs reads row by row."""
+    body = ",\n".join(json.dumps(row) for row in rows)
+    path.write_text(f'{{"meta": {json.dumps(meta, indent=1)},\n"rows": [\n{body}\n]}}\n')

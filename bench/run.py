@@ -170,7 +170,8 @@ def _token_counts(args) -> tuple[int, ...]:
 def _default_name(device) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device).split()[-1].lower()}-{date}"
+        words = torch.cuda.get_device_name(device).split()  # "NVIDIA H100 80GB HBM3" → "h100"
+        return f"{next((w for w in words if any(c.isdigit() for c in w)), words[-1]).lower()}-{date}"
     import os
     return f"cpu-{os.cpu_count()}core-{date}"
 
