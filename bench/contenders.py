@@ -3,7 +3,8 @@
 - ``loop``: ``moe_kernels.reference.MoE``, the naive loop over experts (the baseline of every speedup).
 - ``ours:torch`` / ``ours:triton`` / ``ours:cuda``: ``moe_kernels.MoE.from_reference(layer, backend)``.
 - ``hf:grouped_mm`` / ``hf:batched_mm``: Hugging Face transformers' experts functions
-  (``transformers.integrations.moe``), fed our routing. Gated activations and dropless layers only.
+  (``transformers.integrations.moe``), fed our routing, our activation through ``_apply_gate``. Dropless
+  layers only.
 - ``plain:grouped_mm``: a bench-only minimal pipeline on torch ops (argsort → two ``torch._grouped_mm`` →
   ``index_add_``). Its GEMMs are the same ``torch._grouped_mm`` calls as backend "torch"; what differs is
   everything around them: no capacity, no fixed layout, a non-deterministic scatter-add combine. The
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import moe_kernels
@@ -91,9 +91,6 @@ def _check_dropless(config: BenchConfig, who: str) -> None:
         raise Unavailable("n/a", f"{who} is dropless; this layer has capacity_factor={config.capacity_factor}")
 
 
-_HF_ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu}
-
-
 def _hf(implementation: str):
     def prepare(layer, config, num_tokens) -> Prepared:
         try:
@@ -107,8 +104,6 @@ def _hf(implementation: str):
         if experts_forward is None:
             raise Unavailable("missing", f"transformers has no {implementation} experts function")
         _check_dropless(config, f"hf:{implementation}")
-        if not config.gated:
-            raise Unavailable("n/a", f"hf:{implementation} takes a gated gate_up_proj, not {config.activation}")
         device = layer.gate.weight.device
         if implementation == "batched_mm":
             element = layer.experts.down_proj.element_size()
@@ -129,13 +124,15 @@ def _hf(implementation: str):
 def _hf_experts_module(layer, config: BenchConfig, implementation: str) -> nn.Module:
     """An object shaped like a transformers 5 experts module (Mixtral/Qwen-MoE), holding our Parameters.
 
-    The attribute names are the ones the experts functions of transformers 4.57–5.x read; unknown ones
-    in a later version show up as a "failed" row with its AttributeError, not as a wrong number.
+    The attributes are the ones the experts functions of transformers 5.x read (num_experts, has_bias,
+    is_transposed, ``_apply_gate``, which every 5.x version prefers to ``act_fn``). It is our activation, so
+    ungated layers run too, their up_proj standing in for gate_up_proj. An attribute a later version
+    adds shows up as a "failed" row with its AttributeError, not as a wrong number.
     """
     shim = nn.Module()
-    shim.gate_up_proj = layer.experts.gate_up_proj
+    shim.gate_up_proj = layer.experts.up_weight
     shim.down_proj = layer.experts.down_proj
-    shim.act_fn = _HF_ACTIVATIONS[config.activation]
+    shim._apply_gate = lambda gate_up_out: activate(gate_up_out, config.activation)
     shim.num_experts = config.num_experts
     shim.hidden_dim = config.d_model
     shim.intermediate_dim = config.d_ff
