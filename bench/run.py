@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import time
 from pathlib import Path
 
@@ -75,24 +76,26 @@ def measure_point(config, routing_mode, num_tokens, layer, reference64, device, 
     """Every contender on one (layer, routing, T): a row per contender and pass (see ``report.table``)."""
     buffers = make_tokens(config, routing_mode, num_tokens, device, dtype)
     point = {"config": config.name, "routing": routing_mode, "tokens": num_tokens, **routing_statistics(layer, buffers[0])}
-    expected, err_reference = None, None
-    if num_tokens <= ERROR_MAX_TOKENS:
+    in_budget = time.monotonic() <= deadline  # past it, every contender says "skipped" and nothing runs
+    expected, err_reference, dense_tflops = None, None, None
+    if in_budget and num_tokens <= ERROR_MAX_TOKENS:
         with torch.no_grad():
             if reference64 is not None:
                 expected, err_reference = reference64(buffers[0].cpu().double()), "float64 loop on cpu"
             else:
                 expected, err_reference = layer(buffers[0]).double().cpu(), f"{str(dtype).removeprefix('torch.')} loop on {device.type}"
-    dense_ms = time_call(dense_equivalent(config, num_tokens, device, dtype), device).median_ms
-    dense_tflops = tflops(expert_flops(config, num_tokens, backward=False), dense_ms)
+    if in_budget:
+        dense_ms = time_call(dense_equivalent(config, num_tokens, device, dtype), device).median_ms
+        dense_tflops = tflops(expert_flops(config, num_tokens, backward=False), dense_ms)
     element_size = torch.finfo(dtype).bits // 8
 
     rows = []
     for contender in CONTENDERS:
         status, reason, prepared = "ok", "", None
         try:
+            prepared = contender.prepare(layer, config, num_tokens)  # cheap: says "missing" even past the budget
             if time.monotonic() > deadline:
                 raise Unavailable("skipped", "time budget spent")
-            prepared = contender.prepare(layer, config, num_tokens)
             error = _max_error(prepared, buffers[0], expected) if expected is not None else None
         except Unavailable as unavailable:
             status, reason = unavailable.status, unavailable.reason
@@ -172,7 +175,6 @@ def _default_name(device) -> str:
     if device.type == "cuda":
         words = torch.cuda.get_device_name(device).split()  # "NVIDIA H100 80GB HBM3" → "h100"
         return f"{next((w for w in words if any(c.isdigit() for c in w)), words[-1]).lower()}-{date}"
-    import os
     return f"cpu-{os.cpu_count()}core-{date}"
 
 

@@ -14,6 +14,7 @@ Shapes: the issue-2 CPU layers at T=256 on the CPU, Mixtral-8x7B and Qwen3-30B-A
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -54,8 +55,10 @@ def _synchronized(fn):
     return call
 
 
-def _stage_inputs(config: BenchConfig, stages) -> dict:
-    """Each stage's arguments, made by ``stages`` (an object with the four stage functions)."""
+@functools.lru_cache(maxsize=None)  # one layer per (config, backend) serves its four stages
+def _stage_inputs(config: BenchConfig, backend: str) -> dict:
+    """Each stage's arguments, made by the earlier stages of ``backend``."""
+    stages = resolve(backend, DEVICE)
     layer = build_reference(config, "uniform", DEVICE, DTYPE)
     tokens = make_tokens(config, "uniform", NUM_TOKENS, DEVICE, DTYPE)[0]
     logits, noise_logits, noise = layer._router_inputs(tokens)
@@ -82,7 +85,7 @@ def test_stage(benchmark, backend, stage, config):
         pytest.skip(f"backend {backend!r} not installed: {error}")
     if backend != "torch" and DEVICE.type != "cuda":
         pytest.skip(f"backend {backend!r} runs CUDA kernels; no CUDA device")
-    arguments = _stage_inputs(config, stages)[stage]
+    arguments = _stage_inputs(config, backend)[stage]
     function = getattr(stages, stage)
     with torch.no_grad():
         benchmark(_synchronized(lambda: function(*arguments)))
@@ -102,10 +105,9 @@ def test_launcher(benchmark, stage, config):
     if launcher is None:
         pytest.skip(f"moe_kernels.kernels.{module_name} has no {launcher_name}")
     try:
-        stages = resolve("triton", DEVICE)  # its earlier stages make inputs in the kernels' layout
+        arguments = _stage_inputs(config, "triton")[stage]  # its earlier stages make the kernels' layout
     except ImportError as error:
         pytest.skip(f"backend 'triton' not installed, needed for the kernels' input layout: {error}")
-    arguments = _stage_inputs(config, stages)[stage]
     if stage == "permute":
         block_m = importlib.import_module("moe_kernels.kernels.grouped_gemm").block_m_for(NUM_TOKENS, config.k, config.num_experts)
         arguments = (*arguments, block_m)
