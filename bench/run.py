@@ -1,7 +1,8 @@
 """The MoE layer benchmark: every contender side by side, forward and forward+backward.
 
     python3 -m bench.run [--device cpu|cuda] [--quick | --full] [--configs Mixtral Qwen] [--tokens 1 64]
-                         [--dtype bfloat16] [--time-budget 400] [--out bench/results]
+                         [--routings uniform zipf] [--dtype bfloat16] [--threads 1] [--time-budget 400]
+                         [--out bench/results] [--name STEM]
 
 Writes ``<out>/<device>-<date>.json`` (every measurement, versions), ``.txt`` (the table) and, when
 matplotlib is installed, ``.png`` (speedup over the loop vs tokens, from the JSON; bench/plot.py).
