@@ -191,7 +191,7 @@ def main(argv=None) -> Path:
     stem = args.out / (args.name or _default_name(device))
     meta = {**environment(device, dtype), "tokens": token_counts, "threads": torch.get_num_threads(), "contenders": [c.name for c in CONTENDERS],
             "configs": [{**c.layer_arguments(), "name": c.name, "source": c.source} for c in layer_configs],
-            "method": __doc__.split("\n\n", 2)[2].strip()}
+            "method": __doc__.split("\n\n", 3)[3].strip()}
     deadline = time.monotonic() + (args.time_budget or float("inf"))
 
     rows: list[dict] = []
