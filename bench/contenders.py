@@ -125,7 +125,7 @@ def _hf_experts_module(layer, config: BenchConfig, implementation: str) -> nn.Mo
     """An object shaped like a transformers 5 experts module (Mixtral/Qwen-MoE), holding our Parameters.
 
     The attributes are the ones the experts functions of transformers 5.x read (num_experts, has_bias,
-    is_transposed, ``_apply_gate``, which every 5.x version prefers to ``act_fn``). It is our activation, so
+    is_transposed, ``_apply_gate``, which the versions read for this shim call rather than ``act_fn``). It is our activation, so
     ungated layers run too, their up_proj standing in for gate_up_proj. An attribute a later version
     adds shows up as a "failed" row with its AttributeError, not as a wrong number.
     """
@@ -136,7 +136,7 @@ def _hf_experts_module(layer, config: BenchConfig, implementation: str) -> nn.Mo
     shim.num_experts = config.num_experts
     shim.hidden_dim = config.d_model
     shim.intermediate_dim = config.d_ff
-    shim.has_gate, shim.has_bias, shim.is_transposed = True, False, False
+    shim.has_gate, shim.has_bias, shim.is_transposed = config.gated, False, False
     shim.config = types.SimpleNamespace(
         _experts_implementation=implementation, num_experts=config.num_experts, hidden_size=config.d_model,
     )
