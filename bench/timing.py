@@ -1,0 +1,70 @@
+"""Timing and peak memory of one callable. All times in milliseconds, memory in bytes.
+
+GPU: ``triton.testing.do_bench`` with quantiles (it flushes L2 between calls and syncs the device).
+CPU: ``time.perf_counter`` around many warm calls. Both report the median and the 20th/80th percentiles,
+so a noisy shared machine shows as a wide p20–p80 band rather than as a wrong median.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median, 20th and 80th percentile of one call, in ms, over ``repeats`` warm calls."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+
+
+def time_cpu(fn: Callable[[], object], min_repeats: int = 3, max_repeats: int = 40, budget_s: float = 0.3) -> Timing:
+    """Warm ``fn`` once, then call it until ``budget_s`` seconds or ``max_repeats`` calls (at least ``min_repeats``)."""
+    fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - start < budget_s):
+        begin = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - begin) * 1e3)
+    if len(samples) == 1:
+        return Timing(samples[0], samples[0], samples[0], 1)
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    return Timing(statistics.median(samples), deciles[1], deciles[7], len(samples))
+
+
+def time_gpu(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40) -> Timing:
+    """``triton.testing.do_bench`` median and p20/p80 of ``fn`` on the current CUDA device."""
+    import triton.testing
+
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
+    # do_bench runs as many calls as fit in rep_ms after estimating one call's time.
+    return Timing(median, p20, p80, -1)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> Timing:
+    return time_gpu(fn) if device.type == "cuda" else time_cpu(fn)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak CUDA memory one call allocates above what was allocated before it; None on the CPU.
+
+    On the CPU, tensors come from c10's allocator, which neither tracemalloc nor torch tracks, so
+    nothing meaningful can be reported without a profiler run.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
