@@ -46,12 +46,16 @@ class MoE(MoEBase):
         kept = kept_assignments(routing.experts, self.num_experts, capacity)
         # Accumulate in the router's precision: float32, or float64 for float64 inputs.
         y = torch.zeros(tokens.shape, dtype=routing.weights.dtype, device=x.device)
+        # unbind once: indexing the stacked Parameter per expert would make each backward write a full-size
+        # zero gradient per expert.
+        up_weights = self.experts.up_weight.unbind(0)
+        down_weights = self.experts.down_proj.unbind(0)
         for expert in range(self.num_experts):
             token_index, slot_index = torch.where((routing.experts == expert) & kept)
             if token_index.numel() == 0:
                 continue
-            hidden = activate(tokens[token_index] @ self.experts.up_weight[expert].to(x.dtype).t(), self.activation)
-            expert_output = hidden @ self.experts.down_proj[expert].to(x.dtype).t()
+            hidden = activate(tokens[token_index] @ up_weights[expert].to(x.dtype).t(), self.activation)
+            expert_output = hidden @ down_weights[expert].to(x.dtype).t()
             gate = routing.weights[token_index, slot_index].unsqueeze(-1)
             y = y.index_add(0, token_index, gate * expert_output.to(y.dtype))
         return y.to(x.dtype).view(x.shape)
