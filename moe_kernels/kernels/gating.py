@@ -19,8 +19,6 @@ smooth load) is recomputed from them, which costs one more read of [T, E] and sa
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -28,10 +26,6 @@ from torch import Tensor
 
 from ..pipeline import RouterConfig
 from ..routing import Routing
-
-_SQRT_2 = math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
 
 @triton.jit
 def _select_largest(scores, available, columns, BLOCK_E: tl.constexpr):
@@ -140,8 +134,8 @@ def _gating_fwd_kernel(
     else:
         scores = probabilities
 
-    available = column_mask[None, :] & (tokens[:, None] >= 0)
-    selected = available & False
+    available = tl.broadcast_to(column_mask[None, :], (BLOCK_T, BLOCK_E))
+    selected = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
     top_columns = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     top_values = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for slot in tl.static_range(NUM_SELECTED):
@@ -254,7 +248,7 @@ def _gating_bwd_kernel(
     probabilities = exponentials / tl.sum(exponentials, axis=1)[:, None]
 
     # The gradient reaching each kept gate: its weight's, plus its expert's importance.
-    selected = mask & False
+    selected = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
     grad_gates = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     for slot in tl.static_range(K):
         # Tokens past T take expert 0, which keeps their (unstored) arithmetic finite.
@@ -273,7 +267,7 @@ def _gating_bwd_kernel(
         grad_probability_sum_ptr + columns * stride_grad_probability_sum_e, mask=column_mask, other=0.0
     )
     grad_logsumexp = tl.load(grad_logsumexp_ptr + tokens * stride_grad_logsumexp_t, mask=token_mask, other=0.0)
-    grad_probabilities = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32) + grad_probability_sum[None, :]
+    grad_probabilities = tl.broadcast_to(grad_probability_sum[None, :], (BLOCK_T, BLOCK_E))
 
     if SELECT_ON_LOGITS:
         if NOISY:
@@ -324,7 +318,7 @@ def _gating_bwd_kernel(
         is_in = scores > threshold_in[:, None]
         threshold = tl.where(is_in, threshold_in[:, None], threshold_out[:, None])
         standardized = (logits - threshold) / noise_std
-        density = tl.exp(-0.5 * standardized * standardized) * 0.3989422804014327
+        density = tl.exp(-0.5 * standardized * standardized) * 0.3989422804014327  # φ(z), 1/√(2π)
         grad_load = tl.load(grad_load_ptr + columns * stride_grad_load_e, mask=column_mask, other=0.0)
         grad_clean = tl.where(mask, grad_load[None, :] * density / noise_std, 0.0)
         # z·φ(z) → 0 as z → ±∞ (the threshold -inf when k = E), where the product would read inf·0.
