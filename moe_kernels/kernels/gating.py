@@ -61,6 +61,37 @@ def _normal_cdf(z):
 
 
 @triton.jit
+def _load_tile(ptr, tokens, columns, stride_t, stride_e, mask):
+    """The [BLOCK_T, BLOCK_E] float32 tile of a [T, E] tensor; zeros outside the mask."""
+    return tl.load(ptr + tokens[:, None] * stride_t + columns[None, :] * stride_e, mask=mask, other=0.0)
+
+
+@triton.jit
+def _softmax(logits_ptr, tokens, columns, stride_t, stride_e, mask, column_mask):
+    """Logits tile and its row softmax: (logits, row_max, partition, probabilities).
+
+    Tokens past T read zeros (finite, so nothing warns); padded experts read -inf and never get chosen.
+    """
+    logits = _load_tile(logits_ptr, tokens, columns, stride_t, stride_e, mask)
+    logits = tl.where(column_mask[None, :], logits, float("-inf"))
+    row_max = tl.max(logits, axis=1)
+    exponentials = tl.exp(logits - row_max[:, None])
+    partition = tl.sum(exponentials, axis=1)
+    return logits, row_max, partition, exponentials / partition[:, None]
+
+
+@triton.jit
+def _noisy_scores(
+    logits, noise_logits_ptr, noise_ptr, tokens, columns, stride_nl_t, stride_nl_e, stride_n_t, stride_n_e, mask, noise_epsilon
+):
+    """H = clean + noise·(softplus(noise_logits) + ε): (noise_logits, noise, noise_std, H), [BLOCK_T, BLOCK_E]."""
+    noise_logits = _load_tile(noise_logits_ptr, tokens, columns, stride_nl_t, stride_nl_e, mask)
+    noise = _load_tile(noise_ptr, tokens, columns, stride_n_t, stride_n_e, mask)
+    noise_std = _softplus(noise_logits) + noise_epsilon
+    return noise_logits, noise, noise_std, logits + noise * noise_std
+
+
+@triton.jit
 def _gating_fwd_kernel(
     # pointers
     logits_ptr,  # (T, E) float32, the clean router logits
@@ -107,28 +138,16 @@ def _gating_fwd_kernel(
     column_mask = columns < num_experts
     mask = token_mask[:, None] & column_mask[None, :]
 
-    # Tokens past T read zeros (finite, so nothing warns); padded experts read -inf and never get chosen.
-    logits = tl.load(
-        logits_ptr + tokens[:, None] * stride_logits_t + columns[None, :] * stride_logits_e, mask=mask, other=0.0
+    logits, row_max, partition, probabilities = _softmax(
+        logits_ptr, tokens, columns, stride_logits_t, stride_logits_e, mask, column_mask
     )
-    logits = tl.where(column_mask[None, :], logits, float("-inf"))
-    row_max = tl.max(logits, axis=1)
-    exponentials = tl.exp(logits - row_max[:, None])
-    partition = tl.sum(exponentials, axis=1)
-    probabilities = exponentials / partition[:, None]
     tl.store(logsumexp_ptr + tokens, row_max + tl.log(partition), mask=token_mask)
 
     if NOISY:
-        noise_logits = tl.load(
-            noise_logits_ptr + tokens[:, None] * stride_noise_logits_t + columns[None, :] * stride_noise_logits_e,
-            mask=mask,
-            other=0.0,
-        )
-        noise = tl.load(
-            noise_ptr + tokens[:, None] * stride_noise_t + columns[None, :] * stride_noise_e, mask=mask, other=0.0
-        )
-        noise_std = _softplus(noise_logits) + noise_epsilon
-        scores = logits + noise * noise_std
+        noise_logits, noise, noise_std, scores = _noisy_scores(
+            logits, noise_logits_ptr, noise_ptr, tokens, columns,
+            stride_noise_logits_t, stride_noise_logits_e, stride_noise_t, stride_noise_e, mask, noise_epsilon,
+        )  # fmt: skip
     elif SELECT_ON_LOGITS:
         scores = logits
     else:
@@ -239,13 +258,9 @@ def _gating_bwd_kernel(
     column_mask = columns < num_experts
     mask = token_mask[:, None] & column_mask[None, :]
 
-    logits = tl.load(
-        logits_ptr + tokens[:, None] * stride_logits_t + columns[None, :] * stride_logits_e, mask=mask, other=0.0
+    logits, row_max, partition, probabilities = _softmax(
+        logits_ptr, tokens, columns, stride_logits_t, stride_logits_e, mask, column_mask
     )
-    logits = tl.where(column_mask[None, :], logits, float("-inf"))
-    row_max = tl.max(logits, axis=1)
-    exponentials = tl.exp(logits - row_max[:, None])
-    probabilities = exponentials / tl.sum(exponentials, axis=1)[:, None]
 
     # The gradient reaching each kept gate: its weight's, plus its expert's importance.
     selected = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
@@ -271,16 +286,10 @@ def _gating_bwd_kernel(
 
     if SELECT_ON_LOGITS:
         if NOISY:
-            noise_logits = tl.load(
-                noise_logits_ptr + tokens[:, None] * stride_noise_logits_t + columns[None, :] * stride_noise_logits_e,
-                mask=mask,
-                other=0.0,
-            )
-            noise = tl.load(
-                noise_ptr + tokens[:, None] * stride_noise_t + columns[None, :] * stride_noise_e, mask=mask, other=0.0
-            )
-            noise_std = _softplus(noise_logits) + noise_epsilon
-            scores = logits + noise * noise_std
+            noise_logits, noise, noise_std, scores = _noisy_scores(
+                logits, noise_logits_ptr, noise_ptr, tokens, columns,
+                stride_noise_logits_t, stride_noise_logits_e, stride_noise_t, stride_noise_e, mask, noise_epsilon,
+            )  # fmt: skip
         else:
             scores = logits
         # Gates are the softmax over the kept scores: d score = gate·(d gate - Σ gate·d gate).
