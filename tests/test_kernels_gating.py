@@ -259,3 +259,41 @@ def test_strided_inputs():
     expected_grads = _autograd(logits, noise_logits, noise, config, gradients, torch.float32, False)
     torch.testing.assert_close(grad_logits, expected_grads[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_noise_logits, expected_grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("router,renormalize,training", [case for case in ROUTERS if case[0] != "switch"])
+@pytest.mark.parametrize("k", range(1, 9))
+def test_every_k_up_to_eight(router, renormalize, training, k):
+    """k = 1 … 8 over E = 8 (k = E last), forward and backward against float32 routing.py."""
+    logits, noise_logits, noise = _inputs(45, 8, "normal", training, _seed("every k", router, renormalize, training, k))
+    config = _config(router, k, renormalize)
+    result = gating_forward(logits, noise_logits, noise, config)
+    expected, _ = _reference(logits, noise_logits, noise, config, torch.float32)
+    assert torch.equal(result.experts, expected.experts)
+    torch.testing.assert_close(result.weights, expected.weights.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.load, expected.load.detach(), rtol=1e-5, atol=1e-6)
+
+    gradients = _output_gradients(result, training, torch.Generator().manual_seed(k))
+    grad_logits, grad_noise_logits = gating_backward(
+        gradients[0], gradients[2], gradients[3], gradients[4], gradients[5],
+        logits, noise_logits, noise, result.experts, config,
+    )  # fmt: skip
+    expected_grads = _autograd(logits, noise_logits, noise, config, gradients, torch.float32, k == 8)
+    torch.testing.assert_close(grad_logits, expected_grads[0], rtol=1e-3, atol=1e-3)
+    if noise is not None:
+        torch.testing.assert_close(grad_noise_logits, expected_grads[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "logits,config,message",
+    [
+        (torch.zeros(4, 3, dtype=torch.float64), RouterConfig("topk", 2), "float32"),
+        (torch.zeros(4, 3), RouterConfig("topk", 4), "k must be"),
+        (torch.zeros(4, 3), RouterConfig("top2", 2), "config.router"),
+        (torch.zeros(4, 3), RouterConfig("noisy_topk", 2), "noise_logits"),
+    ],
+)
+def test_forward_rejects_bad_arguments(logits, config, message):
+    noise = torch.zeros(4, 3) if config.router == "noisy_topk" else None
+    with pytest.raises(ValueError, match=message):
+        gating_forward(logits, None, noise, config)

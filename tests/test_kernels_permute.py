@@ -123,3 +123,16 @@ def test_strided_experts():
     column_major = experts.t().contiguous().t()
     assert column_major.stride() != experts.stride()
     _assert_equal(permute(column_major, 9, 20, 16), _reference(experts, 9, 20, 16))
+
+
+@pytest.mark.parametrize(
+    "experts,block_m,capacity,message",
+    [
+        (torch.zeros(4, 2, dtype=torch.int64), 1, None, "int32"),
+        (torch.zeros(4, 2, dtype=torch.int32), 0, None, "block_m"),
+        (torch.zeros(4, 2, dtype=torch.int32), 1, -1, "capacity"),
+    ],
+)
+def test_permute_rejects_bad_arguments(experts, block_m, capacity, message):
+    with pytest.raises(ValueError, match=message):
+        permute(experts, 3, capacity, block_m)
