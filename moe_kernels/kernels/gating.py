@@ -27,6 +27,7 @@ from torch import Tensor
 from ..pipeline import RouterConfig
 from ..routing import Routing
 
+
 @triton.jit
 def _select_largest(scores, available, columns, BLOCK_E: tl.constexpr):
     """Per row of scores [BLOCK_T, BLOCK_E], the largest score among the available columns.
