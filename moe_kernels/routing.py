@@ -16,7 +16,6 @@ Conventions shared by every router and every backend:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -111,19 +110,24 @@ def noisy_topk(
     experts = experts[:, :k]
     importance, _, probability_sum, logsumexp = _statistics(clean_logits, weights, experts)
 
+    if k == num_experts:
+        # Every expert is always in the top k: the load is the constant T.
+        load = clean_logits.new_full((num_experts,), float(clean_logits.shape[0]))
+        return Routing(weights, experts, importance, load, probability_sum, logsumexp)
     # P(expert i in top k) with the other experts' noise fixed: i must beat the k-th largest noisy value
     # among the others, which is the (k+1)-th overall when i is in the top k, else the k-th.
-    if k < num_experts:
-        threshold_if_in = top_values[:, k : k + 1]
-    else:
-        threshold_if_in = torch.full_like(top_values[:, :1], -math.inf)
+    threshold_if_in = top_values[:, k : k + 1]
     threshold_if_out = top_values[:, k - 1 : k]
     is_in = noisy_logits > threshold_if_in
-    normal = torch.distributions.Normal(0.0, 1.0)
-    probability_if_in = normal.cdf((clean_logits - threshold_if_in) / noise_std)
-    probability_if_out = normal.cdf((clean_logits - threshold_if_out) / noise_std)
+    probability_if_in = normal_cdf((clean_logits - threshold_if_in) / noise_std)
+    probability_if_out = normal_cdf((clean_logits - threshold_if_out) / noise_std)
     load = torch.where(is_in, probability_if_in, probability_if_out).sum(0)
     return Routing(weights, experts, importance, load, probability_sum, logsumexp)
+
+
+def normal_cdf(z: Tensor) -> Tensor:
+    """Φ(z) of the standard normal distribution; passes NaN through (torch.distributions would raise)."""
+    return 0.5 * (1.0 + torch.erf(z * (0.5**0.5)))
 
 
 def cv_squared(values: Tensor) -> Tensor:

@@ -83,18 +83,31 @@ def test_empty_batch_returns_empty_output(shape):
     assert layer.aux_loss.item() == 0.0
 
 
-def test_non_finite_token_only_changes_its_own_row():
+@pytest.mark.parametrize("router,k", [("topk", 2), ("noisy_topk", 2), ("switch", 1)])
+def test_non_finite_token_only_changes_its_own_row(router, k):
     torch.manual_seed(3)
-    reference_layer = randomize_(reference.MoE(8, 6, 4, k=2, capacity_factor=2.0))
+    reference_layer = randomize_(reference.MoE(8, 6, 4, k=k, router=router, capacity_factor=2.0)).eval()
     fast = moe_kernels.MoE.from_reference(copy.deepcopy(reference_layer))
     x = torch.randn(20, 8)
-    poisoned = x.clone()
-    poisoned[5] = float("nan")
-    poisoned[9, 2] = float("inf")
+    poisoned = x.clone().requires_grad_()
+    with torch.no_grad():
+        poisoned[5] = float("nan")
+        poisoned[9, 2] = float("inf")
     y = fast(poisoned)
     finite_rows = [row for row in range(20) if row not in (5, 9)]
     torch.testing.assert_close(y[finite_rows], reference_layer(x)[finite_rows], rtol=1e-5, atol=1e-6)
     assert not torch.isfinite(y[5]).any()
+    y[finite_rows].sum().backward()
+    assert torch.isfinite(poisoned.grad[finite_rows]).all()
+
+
+def test_noisy_topk_with_k_equal_to_experts_has_finite_gradients():
+    torch.manual_seed(8)
+    layer = randomize_(moe_kernels.MoE(8, 6, 3, k=3, router="noisy_topk"))
+    x = torch.randn(10, 8, requires_grad=True)
+    (layer(x).sum() + layer.aux_loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("router", ["topk", "noisy_topk", "switch"])
