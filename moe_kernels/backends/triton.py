@@ -1,0 +1,31 @@
+"""Backend "triton": every stage by the Triton kernels of ``moe_kernels.kernels``, differentiable through
+the thin autograd Functions of ``moe_kernels.ops``. Importing it raises ImportError without Triton."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import ops
+from ..kernels.grouped_gemm import block_m_for
+from ..kernels.permute import permute as permute_rows
+from ..pipeline import Permutation, RouterConfig
+from ..routing import Routing
+
+
+class TritonBackend:
+    """The pipeline Backend of the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    def route(self, logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
+        return ops.route(logits, noise_logits, noise, config)
+
+    def permute(self, experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
+        # Segments padded to the GEMMs' tile height, so that each tile runs one expert.
+        num_tokens, k = experts.shape
+        return permute_rows(experts, num_experts, capacity, block_m_for(num_tokens, k, num_experts))
+
+    def expert_up(self, x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
+        return ops.ExpertUp.apply(x, up_weight, permutation, activation)
+
+    def expert_down_combine(self, hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
+        return ops.ExpertDownCombine.apply(hidden, down_weight, permutation, weights)
