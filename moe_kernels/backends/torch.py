@@ -70,7 +70,10 @@ def grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutation) -> Te
     """rows [R, n_in] in sorted order, weight [E, n_out, n_in] → rows[i] · weight[e(i)]ᵀ, [R, n_out]."""
     ends = permutation.expert_offsets[1:]
     if _grouped_mm_applies(rows):
-        return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
+        # _grouped_mm's backward leaves the gradient of rows past the last group uninitialised (capacity
+        # drops leave such rows); the where keeps that garbage out of the caller's gradient.
+        in_segment = (permutation.sorted_assignments >= 0).unsqueeze(-1)
+        return torch._grouped_mm(torch.where(in_segment, rows, 0), weight.transpose(1, 2), offs=ends)
     return _padded_grouped_matmul(rows, weight, permutation)
 
 
