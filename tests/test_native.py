@@ -26,7 +26,7 @@ from moe_kernels.pipeline import Permutation, RouterConfig, num_sorted_rows
 torch_backend = importlib.import_module("moe_kernels.backends.torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(
+requires_native = pytest.mark.skipif(
     not native.has_cpu_ops(), reason="moe_kernels._C is not built: run python setup.py build_ext --inplace"
 )
 requires_cuda_ops = pytest.mark.skipif(
@@ -72,6 +72,7 @@ def assert_routing_matches(logits, noise_logits, noise, config: RouterConfig):
     return got
 
 
+@requires_native
 @pytest.mark.parametrize("num_tokens", [0, 1, 300])
 @pytest.mark.parametrize("num_experts,k", SHAPES)
 @pytest.mark.parametrize("router,renormalize,training", ROUTER_CASES)
@@ -82,6 +83,7 @@ def test_gating_matches_torch(router, renormalize, training, num_experts, k, num
     assert_routing_matches(*inputs, RouterConfig(router, k, renormalize))
 
 
+@requires_native
 @pytest.mark.parametrize("logits_kind", ["skewed", "ties"])
 @pytest.mark.parametrize("num_experts,k", [(7, 2), (64, 8)])
 @pytest.mark.parametrize("router,renormalize,training", ROUTER_CASES)
@@ -93,6 +95,7 @@ def test_gating_skewed_and_tied(router, renormalize, training, num_experts, k, l
         assert got.load[1:3].sum() == 0 or training  # experts no token picks (the noisy load is smooth)
 
 
+@requires_native
 @pytest.mark.parametrize("router,renormalize,training", ROUTER_CASES)
 def test_gating_nan_token_keeps_ids_in_range(router, renormalize, training):
     num_experts, k = 64, 1 if router == "switch" else 4
@@ -134,6 +137,7 @@ def routed_experts(num_tokens: int, num_experts: int, k: int, logits_kind: str) 
     return routing.topk(logits, k).experts
 
 
+@requires_native
 @pytest.mark.parametrize("block_m", [1, 16])
 @pytest.mark.parametrize("capacity", [None, 1, 5, "balanced"])
 @pytest.mark.parametrize("logits_kind", ["normal", "skewed"])
@@ -154,6 +158,7 @@ def test_permute_matches_torch(num_experts, k, num_tokens, logits_kind, capacity
     assert bool((got.expert_offsets[:-1] % block_m == 0).all())
 
 
+@requires_native
 def test_permute_of_a_strided_experts_view():
     experts = routed_experts(50, 16, 4, "normal")
     wide = torch.stack([experts, experts], dim=2)[..., 0]
@@ -162,12 +167,14 @@ def test_permute_of_a_strided_experts_view():
         assert torch.equal(got, reference)
 
 
+@requires_native
 def test_permute_rejects_out_of_range_ids():
     experts = torch.tensor([[0, 3]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="expert ids must lie in"):
         native.permute(experts, 3, None)
 
 
+@requires_native
 def test_gating_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="k must be in"):
         native.route(torch.randn(4, 3), None, None, RouterConfig("topk", 4))
@@ -175,12 +182,14 @@ def test_gating_rejects_bad_arguments():
         native.route(torch.randn(4, 3), None, None, RouterConfig("top2", 1))
 
 
+@requires_native
 @pytest.mark.parametrize("router,training", [("topk", False), ("noisy_topk", True), ("noisy_topk", False)])
 def test_opcheck_gating(router, training):
     logits, noise_logits, noise = router_inputs(33, 16, router, training)
     torch.library.opcheck(torch.ops.moe_kernels.gating.default, (logits, noise_logits, noise, router, 3, True, 1e-2))
 
 
+@requires_native
 @pytest.mark.parametrize("capacity,block_m", [(None, 1), (4, 1), (None, 16), (6, 16)])
 def test_opcheck_permute(capacity, block_m):
     experts = routed_experts(33, 8, 2, "normal")
@@ -197,6 +206,7 @@ def run_layer(layer, x):
     return (y, aux_loss, *(grad for grad in grads if grad is not None))
 
 
+@requires_native
 @pytest.mark.parametrize("router,capacity_factor,compiler", [
     ("topk", None, "aot_eager"), ("topk", 1.0, "aot_eager"), ("switch", 1.25, "aot_eager"),
     ("topk", None, "inductor"),
@@ -213,6 +223,7 @@ def test_compiled_layer_matches_eager(router, capacity_factor, compiler):
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
 
 
+@requires_native
 def test_compiled_noisy_layer_in_eval_uses_native_ops():
     torch._dynamo.reset()
     layer = MoE(16, 32, 8, k=2, router="noisy_topk", backend="torch").eval()
