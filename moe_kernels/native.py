@@ -43,7 +43,11 @@ def route(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, con
 
 
 def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: int = 1) -> Permutation:
-    """experts [T, k] int32 → the Permutation with segments starting at multiples of block_m (None: dropless)."""
+    """experts [T, k] int32 → the Permutation with segments starting at multiples of block_m.
+
+    capacity None or <= 0 is dropless. On the CPU an id outside [0, num_experts) raises; on CUDA (which
+    cannot check without waiting on the device) such an assignment is dropped.
+    """
     return Permutation(*torch.ops.moe_kernels.permute(experts, num_experts, capacity, block_m))
 
 

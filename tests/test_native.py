@@ -159,6 +159,24 @@ def test_permute_matches_torch(num_experts, k, num_tokens, logits_kind, capacity
 
 
 @requires_native
+def test_ops_are_deterministic_across_thread_counts():
+    logits, noise_logits, noise = router_inputs(5000, 64, "noisy_topk", True)
+    config = RouterConfig("noisy_topk", 4)
+    experts = routed_experts(5000, 64, 4, "normal")
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for num_threads in (1, max(threads, 2)):
+            torch.set_num_threads(num_threads)
+            routed = native.route(logits, noise_logits, noise, config)
+            outputs.append((*routed, *native.permute(experts, 64, 300, 16)))
+    finally:
+        torch.set_num_threads(threads)
+    for serial, parallel in zip(*outputs):
+        assert torch.equal(serial, parallel)
+
+
+@requires_native
 def test_permute_of_a_strided_experts_view():
     experts = routed_experts(50, 16, 4, "normal")
     wide = torch.stack([experts, experts], dim=2)[..., 0]
