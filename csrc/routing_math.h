@@ -33,9 +33,11 @@ MOE_HOST_DEVICE float nan_max(float a, float b) {
   return (a != a || a > b) ? a : b;
 }
 
-// torch.nn.functional.softplus with beta 1 and threshold 20.
+// torch.nn.functional.softplus with beta 1 and threshold 20. Evaluated in double and rounded once, so the
+// CPU's libm and CUDA's agree on the float (they could differ by an ulp in float), and with them the noisy
+// router's expert ids.
 MOE_HOST_DEVICE float softplus(float x) {
-  return x > 20.0f ? x : log1pf(expf(x));
+  return x > 20.0f ? x : static_cast<float>(log1p(exp(static_cast<double>(x))));
 }
 
 // clean + noise·std with two roundings, as PyTorch computes it: nvcc would otherwise fuse it into an fma.
