@@ -15,9 +15,12 @@ import math
 import os
 import shutil
 import subprocess
+import sysconfig
 
 import pytest
 import torch
+
+from torch.utils.cpp_extension import include_paths
 
 from moe_kernels import native, routing
 from moe_kernels.layer import MoE
@@ -291,3 +294,23 @@ def test_cuda_permute_matches_cpu(num_experts, k, num_tokens, capacity, block_m)
     got = native.permute(experts.cuda(), num_experts, capacity, block_m)
     for name, tensor, reference in zip(Permutation._fields, got, expected):
         assert torch.equal(tensor.cpu(), reference), name
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_cuda_host_side_compiles(tmp_path):
+    """The CUDA ops' tensor side (ops_cuda.cpp) and the registration with CUDA, built by nvcc's host compiler.
+
+    CPU wheels of torch ship the c10/cuda headers but not the generated cuda_cmake_macros.h: a stub stands in.
+    """
+    includes = include_paths()
+    if not any(os.path.exists(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for p in includes):
+        stub = tmp_path / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+        includes = [str(tmp_path), *includes]
+    for source in ("csrc/cuda/ops_cuda.cpp", "csrc/ops.cpp"):
+        command = ["nvcc", "-x", "c++", "-std=c++20", "-c", "-DMOE_KERNELS_WITH_CUDA",
+                   *(f"-I{path}" for path in [*includes, sysconfig.get_paths()["include"]]),
+                   os.path.join(ROOT, source), "-o", str(tmp_path / "host.o")]
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
