@@ -25,6 +25,7 @@ from torch.utils.cpp_extension import include_paths
 from moe_kernels import native, routing
 from moe_kernels.layer import MoE
 from moe_kernels.pipeline import Permutation, RouterConfig, num_sorted_rows
+from moe_kernels.reference import MoE as ReferenceMoE
 
 torch_backend = importlib.import_module("moe_kernels.backends.torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,6 +253,19 @@ def test_compiled_noisy_layer_in_eval_uses_native_ops():
     x = torch.randn(40, 16)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@requires_native
+@pytest.mark.parametrize("router,k,capacity_factor", [
+    ("topk", 2, None), ("topk", 3, 0.5), ("switch", 1, 1.0), ("noisy_topk", 2, None), ("noisy_topk", 4, 1.0),
+])
+def test_layer_without_grad_on_native_ops_matches_reference(router, k, capacity_factor):
+    reference = ReferenceMoE(16, 24, 8, k=k, router=router, capacity_factor=capacity_factor).eval()
+    fast = MoE.from_reference(reference, backend="torch")
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.aux_loss, reference.aux_loss, rtol=1e-5, atol=1e-7)
 
 
 def cuda_sources() -> list[str]:
