@@ -10,8 +10,9 @@ The permutation layout, shared by every backend and every kernel:
   first choice before any second choice) and token order within a slot. That is also the capacity
   priority: an expert keeps its first ``capacity`` assignments in this order and drops the rest.
 - Expert e's kept assignments occupy sorted rows [expert_offsets[e], expert_offsets[e] + tokens_per_expert[e]).
-  Each segment starts at a multiple of ``block_m`` so a GEMM tile never spans two experts; rows between
-  segments, and after the last, are padding. The number of rows is fixed by T, k, E and block_m alone
+  Its segment [expert_offsets[e], expert_offsets[e + 1]) is that count rounded up to a multiple of
+  ``block_m``, so a GEMM tile never spans two experts; the rows past each expert's count, and past
+  expert_offsets[E], are padding. The number of rows is fixed by T, k, E and block_m alone
   (``num_sorted_rows``), never by the routing, so nothing waits on the device.
 """
 from __future__ import annotations
@@ -29,8 +30,8 @@ class Permutation(NamedTuple):
     """Where every assignment goes in expert-sorted order (layout in the module docstring).
 
     tokens_per_expert: [E] int32, kept assignments per expert (after capacity).
-    expert_offsets: [E + 1] int32, first sorted row of each expert's segment; the last entry is the end of
-        the last segment.
+    expert_offsets: [E + 1] int32, the exclusive prefix sum of the segment sizes (counts rounded up to
+        block_m): first sorted row of each expert's segment, and the end of the last one.
     sorted_rows: [T, k] int32, the sorted row of each assignment, -1 where capacity dropped it.
     sorted_assignments: [R] int32, the assignment t·k + s held by each sorted row, -1 for padding.
     """

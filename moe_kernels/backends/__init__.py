@@ -6,7 +6,6 @@ TRITON_INTERPRET=1). "cuda": the native routing ops of ``moe_kernels._C`` feedin
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 
 import torch
@@ -14,7 +13,6 @@ import torch
 from ..pipeline import Backend
 
 BACKENDS = ("torch", "triton", "cuda")
-_MODULES = {"torch": "TorchBackend", "triton": "TritonBackend", "cuda": "CudaBackend"}
 
 
 def _importable(name: str) -> bool:
@@ -26,8 +24,15 @@ def _importable(name: str) -> bool:
 
 
 def _load(name: str) -> Backend:
-    module = importlib.import_module(f"{__name__}.{name}")
-    return getattr(module, _MODULES[name])()
+    # Plain import statements, not importlib.import_module, so that torch.compile traces the layer's
+    # forward (which resolves its backend) in one graph.
+    if name == "torch":
+        from .torch import TorchBackend as backend
+    elif name == "triton":
+        from .triton import TritonBackend as backend
+    else:
+        from .cuda import CudaBackend as backend
+    return backend()
 
 
 def available() -> tuple[str, ...]:

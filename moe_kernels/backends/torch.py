@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import native
 from .. import routing as routers
 from ..activations import activate
 from ..pipeline import Permutation, RouterConfig
@@ -57,6 +58,8 @@ def permute(experts: Tensor, num_experts: int, capacity: int | None) -> Permutat
 def _grouped_mm_applies(rows: Tensor, weight: Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
+    if torch.compiler.is_compiling() and rows.dtype != torch.bfloat16:
+        return False  # _grouped_mm's meta function (what torch.compile traces) accepts only bfloat16
     # grouped_mm wants every row of both operands and of the output 16-byte aligned.
     elements_per_16_bytes = 16 // rows.element_size()
     if any(size % elements_per_16_bytes for size in weight.shape[1:]):
@@ -69,8 +72,8 @@ def _grouped_mm_applies(rows: Tensor, weight: Tensor) -> bool:
 
 def grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutation) -> Tensor:
     """rows [R, n_in] in sorted order, weight [E, n_out, n_in] → rows[i] · weight[e(i)]ᵀ, [R, n_out]."""
-    # The last segment runs to the end of the buffer so that no output row is left uninitialised:
-    # the unused rows (capacity drops) are zero rows, whose products and gradients are zero.
+    # The last segment runs to the end of the buffer so that no output row, and no gradient row of
+    # grouped_mm's backward, is left uninitialised: the unused rows (capacity drops) are zero rows.
     ends = torch.cat([permutation.expert_offsets[1:-1], permutation.expert_offsets.new_tensor([rows.shape[0]])])
     if _grouped_mm_applies(rows, weight):
         return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
@@ -82,7 +85,11 @@ def _padded_grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutatio
     num_experts = weight.shape[0]
     counts = permutation.tokens_per_expert.long()
     starts = permutation.expert_offsets[:-1].long()
-    longest = int(counts.max()) if num_experts else 0
+    if torch.compiler.is_compiling():
+        # A static bound, not the data-dependent max: an expert holds at most one assignment per token.
+        longest = permutation.sorted_rows.shape[0]
+    else:
+        longest = int(counts.max()) if num_experts else 0
     rank = torch.arange(longest, device=rows.device)
     valid = rank[None, :] < counts[:, None]
     row_index = torch.where(valid, starts[:, None] + rank[None, :], 0)
@@ -110,11 +117,28 @@ def expert_down_combine(hidden: Tensor, down_weight: Tensor, permutation: Permut
     return contributions.sum(1).to(hidden.dtype)
 
 
+def _route_native_on_cpu(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
+    """route(), by the native CPU op where it applies: built, on the CPU, and no gradient wanted."""
+    if native.has_cpu_ops() and logits.device.type == "cpu" and not native.grad_required(logits, noise_logits):
+        return native.route(logits, noise_logits, noise, config)
+    return route(logits, noise_logits, noise, config)
+
+
+def _permute_native_on_cpu(experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
+    """permute(), by the native CPU op when it is built and experts are on the CPU."""
+    if native.has_cpu_ops() and experts.device.type == "cpu":
+        return native.permute(experts, num_experts, capacity)
+    return permute(experts, num_experts, capacity)
+
+
 class TorchBackend:
-    """The stage functions above as a pipeline Backend."""
+    """The stage functions above as a pipeline Backend; routing and permutation by the native CPU ops when built.
+
+    The module-level route() and permute() stay pure PyTorch: they are the reference the kernels are tested on.
+    """
 
     name = "torch"
-    route = staticmethod(route)
-    permute = staticmethod(permute)
+    route = staticmethod(_route_native_on_cpu)
+    permute = staticmethod(_permute_native_on_cpu)
     expert_up = staticmethod(expert_up)
     expert_down_combine = staticmethod(expert_down_combine)
