@@ -127,12 +127,12 @@ def _tile_matmul(
 
 
 @triton.jit
-def _activation_and_slope(z, ACTIVATION: tl.constexpr):
-    """f(z) and f'(z) for the elementwise f of ACTIVATION (silu for swiglu, exact erf-GELU for geglu)."""
-    if ACTIVATION == "relu":
+def _activation_and_slope(z, FUNCTION: tl.constexpr):
+    """f(z) and f'(z) for FUNCTION "relu", "gelu" (exact, erf) or "silu"."""
+    if FUNCTION == "relu":
         value = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
         slope = (z > 0).to(z.dtype)
-    elif (ACTIVATION == "gelu") or (ACTIVATION == "geglu"):
+    elif FUNCTION == "gelu":
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         value = z * cdf
         slope = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
@@ -166,8 +166,8 @@ def _expert_up_kernel(
     stride_gn,
     stride_om,
     stride_on,
-    ACTIVATION: tl.constexpr,
-    GATED: tl.constexpr,
+    FUNCTION: tl.constexpr,  # the elementwise part of the activation: "relu", "gelu" or "silu"
+    GATED: tl.constexpr,  # swiglu / geglu: FUNCTION(gate)·up
     BACKWARD: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -191,7 +191,7 @@ def _expert_up_kernel(
             cols, col_mask, d,
             GATED, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        value, slope = _activation_and_slope(gate, ACTIVATION)
+        value, slope = _activation_and_slope(gate, FUNCTION)
         mask = row_mask[:, None] & col_mask[None, :]
         out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         if BACKWARD:
@@ -386,6 +386,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+_ELEMENTWISE = {"swiglu": "silu", "geglu": "gelu", "relu": "relu", "gelu": "gelu", "silu": "silu"}
 
 
 def _check_experts(weight: Tensor, permutation: Permutation, name: str) -> None:
@@ -414,7 +415,7 @@ def _up_launch(
         up_weight.stride(0), up_weight.stride(1), up_weight.stride(2),
         grad.stride(0), grad.stride(1),
         out.stride(0), out.stride(1),
-        ACTIVATION=activation, GATED=is_gated(activation), BACKWARD=backward,
+        FUNCTION=_ELEMENTWISE[activation], GATED=is_gated(activation), BACKWARD=backward,
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(x.dtype)], INPUT_PRECISION=_INPUT_PRECISION,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts),
@@ -491,6 +492,8 @@ def expert_up_forward(x: Tensor, up_weight: Tensor, permutation: Permutation, ac
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     _check_experts(up_weight, permutation, "up_weight")
     n_up = up_weight.shape[1]
+    if up_weight.shape[2] != x.shape[1] or (is_gated(activation) and n_up % 2):
+        raise ValueError(f"up_weight of shape {tuple(up_weight.shape)} does not fit x of width {x.shape[1]} and {activation!r}")
     d_ff = n_up // 2 if is_gated(activation) else n_up
     hidden = torch.empty((permutation.sorted_assignments.shape[0], d_ff), dtype=x.dtype, device=x.device)
     if x.shape[0] == 0 or d_ff == 0:
@@ -507,6 +510,8 @@ def expert_down_combine_forward(hidden: Tensor, down_weight: Tensor, permutation
     rounded to hidden's dtype (as in backend "torch") and summed over k in float32, in slot order.
     """
     _check_experts(down_weight, permutation, "down_weight")
+    if down_weight.shape[2] != hidden.shape[1]:
+        raise ValueError(f"down_weight of shape {tuple(down_weight.shape)} does not fit hidden of width {hidden.shape[1]}")
     num_tokens = permutation.sorted_rows.shape[0]
     if num_tokens == 0:
         return torch.empty((0, down_weight.shape[1]), dtype=hidden.dtype, device=hidden.device)
