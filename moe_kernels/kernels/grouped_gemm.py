@@ -68,14 +68,27 @@ def tile_config(num_tokens: int, k: int, num_experts: int, n_out: int, n_in: int
 
 
 @triton.jit
-def _segment_experts(expert_offsets_ptr, row_start, row_end, num_experts, BLOCK_E: tl.constexpr):
-    """First and last expert whose segment can hold a sorted row in [row_start, row_end)."""
+def _row_tile(
+    sorted_assignments_ptr,
+    expert_offsets_ptr,
+    num_rows,
+    num_cols,
+    num_experts,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """This program's sorted rows and output columns (with their mask), the rows' assignments (-1 for
+    padding), and the first and last expert whose segments can hold its rows. All int64 but the columns."""
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    assignments = tl.load(sorted_assignments_ptr + rows, mask=rows < num_rows, other=-1).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     starts = tl.load(expert_offsets_ptr + experts, mask=experts < num_experts, other=2147483647)
-    # int64, so that the loop over these experts indexes the weights with int64 offsets.
     first = tl.sum((starts <= row_start).to(tl.int64), axis=0) - 1
-    last = tl.sum((starts < row_end).to(tl.int64), axis=0) - 1
-    return first, last
+    last = tl.sum((starts < row_start + BLOCK_M).to(tl.int64), axis=0) - 1
+    return rows, cols, cols < num_cols, assignments, first, last
 
 
 @triton.jit
@@ -176,13 +189,10 @@ def _expert_up_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < d_ff
-    assignments = tl.load(sorted_assignments_ptr + rows, mask=rows < num_rows, other=-1)
-    x_rows = (tl.maximum(assignments, 0) // k).to(tl.int64) * stride_xt
-    first, last = _segment_experts(expert_offsets_ptr, row_start, row_start + BLOCK_M, num_experts, BLOCK_E)
+    rows, cols, col_mask, assignments, first, last = _row_tile(
+        sorted_assignments_ptr, expert_offsets_ptr, num_rows, d_ff, num_experts, BLOCK_M, BLOCK_N, BLOCK_E
+    )
+    x_rows = (tl.maximum(assignments, 0) // k) * stride_xt
     for expert in range(first, last + 1):
         row_mask = _kept_rows(expert_offsets_ptr, tokens_per_expert_ptr, expert, rows)
         gate, up = _tile_matmul(
@@ -234,12 +244,9 @@ def _rows_to_assignments_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    assignments = tl.load(sorted_assignments_ptr + rows, mask=rows < num_rows, other=-1).to(tl.int64)
-    first, last = _segment_experts(expert_offsets_ptr, row_start, row_start + BLOCK_M, num_experts, BLOCK_E)
+    rows, cols, col_mask, assignments, first, last = _row_tile(
+        sorted_assignments_ptr, expert_offsets_ptr, num_rows, N, num_experts, BLOCK_M, BLOCK_N, BLOCK_E
+    )
     for expert in range(first, last + 1):
         row_mask = _kept_rows(expert_offsets_ptr, tokens_per_expert_ptr, expert, rows)
         acc, _ = _tile_matmul(
@@ -287,15 +294,11 @@ def _expert_down_bwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    col_block = tl.program_id(1).to(tl.int64)
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < d_ff
-    assignments = tl.load(sorted_assignments_ptr + rows, mask=rows < num_rows, other=-1).to(tl.int64)
+    rows, cols, col_mask, assignments, first, last = _row_tile(
+        sorted_assignments_ptr, expert_offsets_ptr, num_rows, d_ff, num_experts, BLOCK_M, BLOCK_N, BLOCK_E
+    )
     tokens = tl.maximum(assignments, 0) // k
     slots = tl.maximum(assignments, 0) % k
-    first, last = _segment_experts(expert_offsets_ptr, row_start, row_start + BLOCK_M, num_experts, BLOCK_E)
     for expert in range(first, last + 1):
         row_mask = _kept_rows(expert_offsets_ptr, tokens_per_expert_ptr, expert, rows)
         # dy·W[e] before the gate weight: the same product gives d(weights) as <hidden, dy·W[e]> below,
@@ -315,6 +318,7 @@ def _expert_down_bwd_kernel(
             mask=mask,
         )
         partial = tl.sum(hidden.to(ACC_DTYPE) * grad_output, axis=1)
+        col_block = tl.program_id(1).to(tl.int64)
         tl.store(grad_weights_partial_ptr + col_block * num_assignments + assignments, partial, mask=row_mask)
 
 
