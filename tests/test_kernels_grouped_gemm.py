@@ -2,8 +2,9 @@
 
 Runs on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set below before Triton is imported) and
 on CUDA. Tolerances, as the error relative to max(1, max|reference|) against the float64 reference:
-float32 1e-5 (its reference still combines in float32, ~1e-7), float16 1e-2 (input rounding alone is
-~5e-4, summed over up to d_ff products), bfloat16 4e-2 (8-bit mantissa). Every uninitialised allocation is
+float32 5e-6, float16 5e-3, bfloat16 4e-2. Measured at d=16, d_ff=32 (where backend "torch" runs at
+these precisions on the CPU), the kernels' errors were within 1.3× of plain PyTorch's at the same
+precision: ~2e-7 for float32 (the float64 reference itself combines in float32), ~1e-3 for float16. Every uninitialised allocation is
 NaN-filled while the kernels run, so any read of a row no kernel wrote (padding, dropped assignments)
 shows up as NaN in the results.
 """
@@ -31,7 +32,7 @@ torch_backend = importlib.import_module("moe_kernels.backends.torch")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float64: 1e-12}
+TOLERANCE = {torch.float32: 5e-6, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 DTYPES = [
     torch.float32,
     torch.float16,
