@@ -539,7 +539,6 @@ def expert_down_combine_backward(
     grad_down_weight = torch.empty_like(down_weight, memory_format=torch.contiguous_format)
     if num_tokens == 0 or d_ff == 0 or d == 0:
         return grad_hidden, grad_down_weight.zero_(), torch.zeros_like(weights)
-    grad_y = grad_y.to(hidden.dtype)
     config = tile_config(num_tokens, k, num_experts, d_ff, d, hidden.dtype)
     num_col_blocks = triton.cdiv(d_ff, config.block_n)
     # Zeros: dropped assignments have no row to write their partial sums, and their gradient is 0.
