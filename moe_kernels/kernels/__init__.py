@@ -1,1 +1,1 @@
-"""Triton kernels of the MoE pipeline, one file per kernel family, each with its launcher."""
+"""Triton kernels: one file per kernel family, each with its launchers."""
