@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import moe_kernels
 from moe_kernels import reference
 
+BACKENDS = ("torch", "triton", "cuda")
 RELATIVE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
 
@@ -76,3 +78,17 @@ def assert_layer_matches(reference64, reference_low, fast, x, dtype, seed: int =
     names = ["x"] + [name for name, _ in fast.named_parameters()]
     for name, a, b, e in zip(names, actual[2], baseline[2], exact[2]):
         assert_close(a, b, e, dtype, 3, f"grad of {name}")
+
+
+def skip_unless_runnable(backend: str, dtype: torch.dtype) -> None:
+    """Skip (with the reason) a backend this machine cannot run, or a dtype its kernels cannot run here."""
+    if backend not in moe_kernels.available_backends():
+        pytest.skip(f"backend {backend!r} is not installed")
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip("backend 'cuda' needs a CUDA device")
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("tl.dot on bfloat16 is wrong in the Triton interpreter: bf16 kernels are tested on the GPU")
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")

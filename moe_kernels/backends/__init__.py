@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
-
 from ..pipeline import Backend
+
+# No `import torch` here: it would make `from moe_kernels.backends import torch` return the library
+# rather than backends/torch.py until that module is first imported.
 
 BACKENDS = ("torch", "triton", "cuda")
 
