@@ -328,3 +328,30 @@ def test_cuda_host_side_compiles(tmp_path):
                    os.path.join(ROOT, source), "-o", str(tmp_path / "host.o")]
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
+
+
+@requires_native
+@pytest.mark.parametrize("router,renormalize,training", ROUTER_CASES)
+def test_native_gating_with_the_triton_backward_matches_autograd(router, renormalize, training):
+    """What backend "cuda" trains with: the native forward under ops.Gating's Triton backward."""
+    pytest.importorskip("triton")
+    from moe_kernels import ops
+
+    torch.manual_seed(31)
+    config = RouterConfig(router, 1 if router == "switch" else 3, renormalize)
+    logits, noise_logits, noise = router_inputs(40, 8, router, training)
+    leaves = [t.requires_grad_() for t in (logits, noise_logits) if t is not None]
+    got = ops.route(logits, noise_logits, noise, config, launch=native.route)
+    expected = torch_backend.route(logits, noise_logits, noise, config)
+    assert torch.equal(got.experts, expected.experts)
+    upstream = [torch.randn_like(t) for t in (got.weights, got.importance, got.load, got.probability_sum, got.logsumexp)]
+
+    def loss(result):
+        fields = (result.weights, result.importance, result.load, result.probability_sum, result.logsumexp)
+        return sum((f * u).sum() for f, u in zip(fields, upstream) if f.requires_grad)
+
+    got_grads = torch.autograd.grad(loss(got), leaves, allow_unused=True)
+    expected_grads = torch.autograd.grad(loss(expected), leaves, allow_unused=True)
+    for leaf, a, b in zip(leaves, got_grads, expected_grads):
+        zero = torch.zeros_like(leaf)  # noise_logits play no part in evaluation
+        torch.testing.assert_close(zero if a is None else a, zero if b is None else b, rtol=1e-4, atol=1e-5)
