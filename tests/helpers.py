@@ -13,6 +13,7 @@ import torch
 
 import moe_kernels
 from moe_kernels import reference
+from moe_kernels.pipeline import Permutation, num_sorted_rows
 
 BACKENDS = ("torch", "triton", "cuda")
 RELATIVE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -92,3 +93,27 @@ def skip_unless_runnable(backend: str, dtype: torch.dtype) -> None:
 
 def device_for(backend: str) -> torch.device:
     return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
+
+
+def padded_permutation(permutation: Permutation, block_m: int) -> Permutation:
+    """The block_m = 1 permutation of backend "torch" re-laid out with every segment starting at a multiple of block_m."""
+    if block_m == 1:
+        return permutation
+    num_tokens, k = permutation.sorted_rows.shape
+    num_experts = permutation.tokens_per_expert.shape[0]
+    counts = permutation.tokens_per_expert.long()
+    starts = torch.zeros(num_experts + 1, dtype=torch.long)
+    starts[1:] = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)
+    old_rows = permutation.sorted_rows.reshape(-1).long()
+    kept = old_rows >= 0
+    old_starts = permutation.expert_offsets.long()
+    experts = torch.searchsorted(old_starts[1:], old_rows, right=True)
+    new_rows = torch.where(kept, starts[experts.clamp(max=num_experts - 1)] + old_rows - old_starts[experts.clamp(max=num_experts - 1)], -1)
+    sorted_assignments = torch.full((num_sorted_rows(num_tokens, k, num_experts, block_m),), -1, dtype=torch.int32)
+    sorted_assignments[new_rows[kept]] = torch.arange(num_tokens * k)[kept].to(torch.int32)
+    return Permutation(
+        tokens_per_expert=permutation.tokens_per_expert,
+        expert_offsets=starts.to(torch.int32),
+        sorted_rows=new_rows.view(num_tokens, k).to(torch.int32),
+        sorted_assignments=sorted_assignments,
+    )

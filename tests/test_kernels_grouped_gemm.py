@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from helpers import padded_permutation  # noqa: E402
 from moe_kernels import ops  # noqa: E402
 from moe_kernels.activations import is_gated  # noqa: E402
 from moe_kernels.kernels import grouped_gemm  # noqa: E402
@@ -41,30 +42,6 @@ DTYPES = [
         marks=pytest.mark.skipif(DEVICE != "cuda", reason="the Triton interpreter's tl.dot returns garbage for bfloat16; GPU only"),
     ),
 ]
-
-
-def padded_permutation(permutation: Permutation, block_m: int) -> Permutation:
-    """The block_m = 1 permutation of backend "torch" re-laid out with every segment starting at a multiple of block_m."""
-    if block_m == 1:
-        return permutation
-    num_tokens, k = permutation.sorted_rows.shape
-    num_experts = permutation.tokens_per_expert.shape[0]
-    counts = permutation.tokens_per_expert.long()
-    starts = torch.zeros(num_experts + 1, dtype=torch.long)
-    starts[1:] = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)
-    old_rows = permutation.sorted_rows.reshape(-1).long()
-    kept = old_rows >= 0
-    old_starts = permutation.expert_offsets.long()
-    experts = torch.searchsorted(old_starts[1:], old_rows, right=True)
-    new_rows = torch.where(kept, starts[experts.clamp(max=num_experts - 1)] + old_rows - old_starts[experts.clamp(max=num_experts - 1)], -1)
-    sorted_assignments = torch.full((num_sorted_rows(num_tokens, k, num_experts, block_m),), -1, dtype=torch.int32)
-    sorted_assignments[new_rows[kept]] = torch.arange(num_tokens * k)[kept].to(torch.int32)
-    return Permutation(
-        tokens_per_expert=permutation.tokens_per_expert,
-        expert_offsets=starts.to(torch.int32),
-        sorted_rows=new_rows.view(num_tokens, k).to(torch.int32),
-        sorted_assignments=sorted_assignments,
-    )
 
 
 def make_experts(num_tokens: int, k: int, num_experts: int, routing: str) -> torch.Tensor:
@@ -123,18 +100,6 @@ def assert_close(actual, expected, dtype):
     error = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
     assert error <= TOLERANCE[dtype] * scale, f"max error {error:.3g} > {TOLERANCE[dtype]:.0e} × {scale:.3g}"
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """NaN-fill torch.empty / torch.empty_like while the kernels run: outputs they do not write stay NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(tensor):
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor.fill_(-(2**30))
-
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
 
 
 # (T, k, E, d, d_ff, activation, block_m, routing, capacity_factor)

@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("triton", reason="the permutation kernels need Triton")
 
+from helpers import padded_permutation  # noqa: E402
 from moe_kernels.backends.torch import permute as torch_permute  # noqa: E402
 from moe_kernels.kernels.permute import permute  # noqa: E402
 from moe_kernels.pipeline import Permutation, expert_capacity, num_sorted_rows  # noqa: E402
@@ -32,18 +33,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """torch.empty hands out -7 (integers) or NaN (floats), so any row a kernel skips shows."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        tensor = empty(*args, **kwargs)
-        return tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
 def _experts(num_tokens, num_experts, k, data, seed):
     """[T, k] int32 ids: "distinct" per token as a router gives them, "skewed" (expert 0 in every token, the
     last in none when k < E), or "repeats" (ids drawn independently, a token may repeat one)."""
@@ -59,17 +48,7 @@ def _experts(num_tokens, num_experts, k, data, seed):
 
 def _reference(experts, num_experts, capacity, block_m):
     """backend "torch"'s permutation with each expert's segment moved to start at a multiple of block_m."""
-    dense = torch_permute(experts, num_experts, capacity)
-    num_tokens, k = experts.shape
-    segment_rows = (dense.tokens_per_expert.long() + block_m - 1) // block_m * block_m
-    offsets = torch.zeros(num_experts + 1, dtype=torch.long)
-    offsets[1:] = segment_rows.cumsum(0)
-    kept = dense.sorted_rows >= 0
-    expert = experts.long()
-    rows = torch.where(kept, dense.sorted_rows - dense.expert_offsets.long()[expert] + offsets[expert], -1)
-    sorted_assignments = torch.full((num_sorted_rows(num_tokens, k, num_experts, block_m),), -1, dtype=torch.int32)
-    sorted_assignments[rows[kept]] = torch.arange(num_tokens * k, dtype=torch.int32).view(num_tokens, k)[kept]
-    return Permutation(dense.tokens_per_expert, offsets.to(torch.int32), rows.to(torch.int32), sorted_assignments)
+    return padded_permutation(torch_permute(experts, num_experts, capacity), block_m)
 
 
 def _assert_equal(result, expected):

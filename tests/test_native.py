@@ -22,6 +22,7 @@ import torch
 
 from torch.utils.cpp_extension import include_paths
 
+from helpers import padded_permutation
 from moe_kernels import native, routing
 from moe_kernels.layer import MoE
 from moe_kernels.pipeline import Permutation, RouterConfig, num_sorted_rows
@@ -119,23 +120,6 @@ def test_gating_nan_token_keeps_ids_in_range(router, renormalize, training):
     torch.testing.assert_close(got.weights[finite], expected.weights[finite], rtol=1e-6, atol=1e-6)
 
 
-def padded(permutation: Permutation, block_m: int, num_rows: int) -> Permutation:
-    """The block_m = 1 permutation with each segment moved to start at a multiple of block_m."""
-    counts = permutation.tokens_per_expert.long()
-    starts = torch.zeros_like(counts)
-    sizes = (counts + block_m - 1) // block_m * block_m
-    starts[1:] = torch.cumsum(sizes, 0)[:-1]
-    offsets = torch.cat([starts, (starts[-1:] + sizes[-1:])]).int()
-    old_starts = permutation.expert_offsets[:-1].long()
-    rows = permutation.sorted_rows.long()
-    expert_of_row = torch.bucketize(rows, permutation.expert_offsets[1:-1].long(), right=True)
-    new_rows = torch.where(rows >= 0, rows - old_starts[expert_of_row] + starts[expert_of_row], -1)
-    assignments = torch.full((num_rows,), -1, dtype=torch.int32)
-    kept = new_rows.flatten() >= 0
-    assignments[new_rows.flatten()[kept]] = torch.arange(rows.numel(), dtype=torch.int32)[kept]
-    return Permutation(permutation.tokens_per_expert, offsets, new_rows.int(), assignments)
-
-
 def routed_experts(num_tokens: int, num_experts: int, k: int, logits_kind: str) -> torch.Tensor:
     logits, _, _ = router_inputs(num_tokens, num_experts, "topk", False, logits_kind)
     return routing.topk(logits, k).experts
@@ -153,8 +137,7 @@ def test_permute_matches_torch(num_experts, k, num_tokens, logits_kind, capacity
         capacity = math.ceil(num_tokens * k / num_experts) or None
     expected = torch_backend.permute(experts, num_experts, capacity)
     num_rows = num_sorted_rows(num_tokens, k, num_experts, block_m)
-    if block_m > 1:
-        expected = padded(expected, block_m, num_rows)
+    expected = padded_permutation(expected, block_m)
     got = native.permute(experts, num_experts, capacity, block_m)
     for name, tensor, reference in zip(Permutation._fields, got, expected):
         assert tensor.dtype == torch.int32 and torch.equal(tensor, reference), name

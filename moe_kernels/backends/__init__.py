@@ -7,11 +7,12 @@ TRITON_INTERPRET=1). "cuda": the native routing ops of ``moe_kernels._C`` feedin
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 from ..pipeline import Backend
 
-# No `import torch` here: it would make `from moe_kernels.backends import torch` return the library
-# rather than backends/torch.py until that module is first imported.
+if TYPE_CHECKING:  # only then: at run time it would make `from moe_kernels.backends import torch`
+    import torch  # return the library rather than backends/torch.py until that module is imported.
 
 BACKENDS = ("torch", "triton", "cuda")
 
