@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU run in one 10-minute device call: install (no network), GPU tests, layer benchmark (bf16),
-# stage microbenchmarks if time is left. Everything lands flat in $OUT (7 files at most):
-#   env.txt          nvidia-smi, python/torch/triton/transformers versions, git commit
-#   install.log      pip install -e . (or why it was not possible)
+# stage microbenchmarks if time is left. Everything lands flat in $OUT (8 files, what one device call returns):
+#   env.txt          nvidia-smi, python/torch/triton/transformers versions, git commit, pip install -e .
 #   pytest.log       python3 -m pytest tests -x -q
 #   <gpu>-<date>.json/.txt/.png   python3 -m bench.run --device cuda --dtype bfloat16
+#   routing-cuda.json/.txt  python3 -m bench.routing (issue 5's routing-stage table)
 #   microbench.txt   python3 -m pytest bench/test_microbench.py (skipped when under 60 s remain)
 # Usage (repository root):  OUT=/tmp/out bash bench/gpu.sh   [BENCH_ARGS="--configs Mixtral"]
 set -u
@@ -39,7 +39,7 @@ EOF
     echo "no setup.py / pyproject.toml in this checkout: not installed; running from the source tree"
   fi
   python3 -c "import moe_kernels; print('backends:', moe_kernels.available_backends())"
-} > "$OUT/install.log" 2>&1
+} >> "$OUT/env.txt" 2>&1
 
 if [ -d tests ]; then
   timeout $(( $(left) / 3 )) python3 -m pytest tests -x -q > "$OUT/pytest.log" 2>&1
@@ -57,6 +57,10 @@ if [ "$budget" -gt 30 ]; then
   txt=$(ls "$OUT"/*.txt 2>/dev/null | grep -v -e env.txt -e microbench.txt | head -1)
   { echo; echo "# bench.run exit: $status; its last stderr lines:"; tail -n 15 "$OUT/bench-stderr.tmp" | tr '\r' '\n' | tail -n 15; } >> "${txt:-$OUT/bench-failed.txt}"
   rm -f "$OUT/bench-stderr.tmp"
+fi
+
+if [ "$(left)" -gt 90 ]; then
+  timeout 60 python3 -m bench.routing --device cuda --out "$OUT" > /dev/null 2>&1
 fi
 
 if [ "$(left)" -gt 60 ]; then
