@@ -40,3 +40,10 @@ def test_bad_forward_input(layer_class):
         layer(torch.ones(3, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="x is on meta but parameter gate.weight is on cpu"):
         layer(torch.randn(3, 8, device="meta"))
+
+
+def test_kernel_backend_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = moe_kernels.MoE(8, 6, 4, backend="triton")
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors .* x is on cpu"):
+        layer(torch.randn(3, 8))

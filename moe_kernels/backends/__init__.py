@@ -7,6 +7,7 @@ TRITON_INTERPRET=1). "cuda": the native routing ops of ``moe_kernels._C`` feedin
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import TYPE_CHECKING
 
 from ..pipeline import Backend
@@ -46,4 +47,9 @@ def resolve(name: str, device: torch.device) -> Backend:
     """The Backend called ``name`` ("auto" chooses by device); ImportError if it is not installed."""
     if name == "auto":
         name = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+    if name != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend {name!r} runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, for testing); "
+            f"x is on {device}: use backend 'torch' or 'auto'"
+        )
     return _load(name)
