@@ -20,8 +20,9 @@ Schemas take tensors and scalars only: <permutation> is the four tensors of a ``
 ``permute``, ``expert_up``, ``expert_down_combine``) take and return the pipeline's types.
 
 Saved for backward, per token (k assignments, R ≈ T·k rows plus padding):
-- Gating keeps the router logits (and, for noisy top-k in training, the noise logits and the noise),
-  alive anyway, and the int32 expert ids (4·k bytes); its backward recomputes the softmax and gates.
+- triton_gating and native_gating keep the router logits (and, for noisy top-k in training, the noise
+  logits and the noise), alive anyway, and the int32 expert ids (4·k bytes); triton_gating_backward
+  recomputes the softmax and gates.
 - expert_up keeps x, up_weight and the permutation, all alive anyway; its backward recomputes the
   pre-activation inside the kernel that applies the activation's backward, so it saves no activation of
   its own. Storing the pre-activation instead would cost k·N·itemsize bytes per token (N = 2·d_ff gated).

@@ -116,3 +116,16 @@ def test_compiled_triton_layer_matches_eager(router, capacity_factor, training):
         assert (got is None) == (expected is None)
         if got is not None:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_triton_layer_with_dynamic_token_count():
+    """One graph with a symbolic token count: the fakes' shapes (num_sorted_rows) follow T."""
+    skip_unless_runnable("triton", torch.float32)
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    layer = randomize_(moe_kernels.MoE(D, D_FF, NUM_EXPERTS, k=K, capacity_factor=1.0, backend="triton")).to(DEVICE)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
+    for num_tokens in (5, 17):
+        x = torch.randn(num_tokens, D, device=DEVICE)
+        for got, expected in zip(run_layer(compiled, x, 0), run_layer(layer, x, 0), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
