@@ -40,24 +40,10 @@ from . import native
 from .activations import is_gated
 from .kernels import gating, grouped_gemm
 from .kernels.permute import permute as permute_launcher
-from .pipeline import Permutation, RouterConfig, num_sorted_rows
+from .pipeline import Permutation, RouterConfig
 from .routing import Routing
 
 # ---------------------------------------------------------------------------------------------- gating
-
-
-def _gating_outputs(logits: Tensor, router: str, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Empty tensors shaped as a gating forward's Routing: the fake of both forward ops."""
-    num_tokens, num_experts = logits.shape
-    k = 1 if router == "switch" else k  # as the launchers: "switch" is top-1 whatever k says
-    return (
-        logits.new_empty(num_tokens, k),
-        logits.new_empty(num_tokens, k, dtype=torch.int32),
-        logits.new_empty(num_experts),
-        logits.new_empty(num_experts),
-        logits.new_empty(num_experts),
-        logits.new_empty(num_tokens),
-    )
 
 
 def _separate(routing: Routing) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -67,24 +53,20 @@ def _separate(routing: Routing) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
     return weights, experts, importance.clone(), load.clone(), probability_sum.clone(), logsumexp
 
 
-@torch.library.custom_op("moe_kernels::triton_gating", mutates_args=())
-def triton_gating(
-    logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, router: str, k: int, renormalize: bool,
-    noise_epsilon: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``kernels.gating.gating_forward``: the fields of a Routing; differentiable in logits and noise_logits."""
-    config = RouterConfig(router, k, renormalize, noise_epsilon)
-    return _separate(gating.gating_forward(logits, noise_logits, noise, config))
+def _gating_forward_op(name: str, launch):
+    """A custom op of the C++ gating schema whose forward is ``launch`` (a gating launcher's signature);
+    the fields of a Routing, differentiable in logits and noise_logits by triton_gating_backward."""
 
+    def forward(
+        logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, router: str, k: int, renormalize: bool,
+        noise_epsilon: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _separate(launch(logits, noise_logits, noise, RouterConfig(router, k, renormalize, noise_epsilon)))
 
-@torch.library.custom_op("moe_kernels::native_gating", mutates_args=())
-def native_gating(
-    logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, router: str, k: int, renormalize: bool,
-    noise_epsilon: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The C++ op ``moe_kernels::gating`` (same outputs and ids as triton_gating) under the Triton backward."""
-    config = RouterConfig(router, k, renormalize, noise_epsilon)
-    return _separate(native.route(logits, noise_logits, noise, config))
+    op = torch.library.custom_op(f"moe_kernels::{name}", forward, mutates_args=())
+    op.register_fake(native.gating_fake)
+    op.register_autograd(_gating_backward, setup_context=_gating_setup_context)
+    return op
 
 
 @torch.library.custom_op("moe_kernels::triton_gating_backward", mutates_args=())
@@ -104,16 +86,6 @@ def triton_gating_backward(
         logits, noise_logits, noise, experts, config,
     )
     return [grad_logits] if grad_noise_logits is None else [grad_logits, grad_noise_logits]
-
-
-@triton_gating.register_fake
-def _(logits, noise_logits, noise, router, k, renormalize, noise_epsilon):
-    return _gating_outputs(logits, router, k)
-
-
-@native_gating.register_fake
-def _(logits, noise_logits, noise, router, k, renormalize, noise_epsilon):
-    return _gating_outputs(logits, router, k)
 
 
 @triton_gating_backward.register_fake
@@ -139,9 +111,10 @@ def _gating_backward(ctx, grad_weights, _grad_experts, grad_importance, grad_loa
     return grads[0], grad_noise_logits, None, None, None, None, None
 
 
+# The Triton kernel's forward, and the C++ op's (backend "cuda"): same outputs, same ids, one backward.
+triton_gating = _gating_forward_op("triton_gating", gating.gating_forward)
+native_gating = _gating_forward_op("native_gating", native.route)
 _GATING_FORWARDS = {"triton": triton_gating, "native": native_gating}
-for _forward in _GATING_FORWARDS.values():
-    _forward.register_autograd(_gating_backward, setup_context=_gating_setup_context)
 
 # ----------------------------------------------------------------------------------------- permutation
 
@@ -154,15 +127,7 @@ def triton_permute(
     return tuple(permute_launcher(experts, num_experts, capacity, block_m))
 
 
-@triton_permute.register_fake
-def _(experts, num_experts, capacity, block_m):
-    num_tokens, k = experts.shape
-    return (
-        experts.new_empty(num_experts),
-        experts.new_empty(num_experts + 1),
-        experts.new_empty(num_tokens, k),
-        experts.new_empty(num_sorted_rows(num_tokens, k, num_experts, block_m)),
-    )
+triton_permute.register_fake(native.permute_fake)
 
 # ---------------------------------------------------------------------------------- GEMM 1: expert_up
 
