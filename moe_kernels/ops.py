@@ -2,7 +2,8 @@
 
 Each stage is an opaque op of namespace ``moe_kernels`` with a fake (shapes only) and, where it is
 differentiable, an autograd formula whose backward is itself a custom op, so torch.compile(fullgraph=True)
-traces the layer forward and backward without looking inside a launcher, and CUDA graphs capture it:
+traces the layer forward and backward without looking inside a launcher (tests/test_ops.py), and CUDA
+graphs capture the forward (tests/test_cuda_graph.py, on the GPU):
 
   triton_gating(logits, noise_logits?, noise?, router, k, renormalize, noise_epsilon) -> 6 Tensors (a Routing)
   native_gating(same)                           the C++ ``moe_kernels::gating`` forward (backend "cuda")
@@ -232,7 +233,8 @@ def route(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, con
           forward: str = "triton") -> Routing:
     """The router of ``config`` as a differentiable Routing; the forward by the Triton gating kernel
     (``forward="triton"``) or by the native op (``"native"``), the backward by the Triton kernel."""
-    return Routing(*_GATING_FORWARDS[forward](logits, noise_logits, noise, config.router, config.k, config.renormalize, config.noise_epsilon))
+    op = _GATING_FORWARDS[forward]
+    return Routing(*op(logits, noise_logits, noise, config.router, config.k, config.renormalize, config.noise_epsilon))
 
 
 def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: int) -> Permutation:

@@ -49,7 +49,8 @@ def test_opcheck_gating(router, training):
     inputs = gating_inputs(router, training)
     torch.library.opcheck(ops.triton_gating, (*inputs, router, k, True, 1e-2))
     routing = ops.route(*inputs, RouterConfig(router, k))
-    grads = [torch.randn_like(t) for t in (routing.weights, routing.importance, routing.load, routing.probability_sum, routing.logsumexp)]
+    differentiable = (routing.weights, routing.importance, routing.load, routing.probability_sum, routing.logsumexp)
+    grads = [torch.randn_like(t) for t in differentiable]
     detached = [None if t is None else t.detach() for t in inputs]
     torch.library.opcheck(ops.triton_gating_backward, (*grads, *detached, routing.experts, router, k, True, 1e-2))
 
@@ -103,7 +104,8 @@ def run_layer(layer, x, seed: int):
     return (y, layer.aux_loss, *grads)
 
 
-@pytest.mark.parametrize("router,capacity_factor,training", [("topk", 1.0, True), ("noisy_topk", None, False), ("noisy_topk", None, True)])
+@pytest.mark.parametrize("router,capacity_factor,training",
+                         [("topk", 1.0, True), ("noisy_topk", None, False), ("noisy_topk", None, True)])
 def test_compiled_triton_layer_matches_eager(router, capacity_factor, training):
     skip_unless_runnable("triton", torch.float32)
     torch._dynamo.reset()
