@@ -51,26 +51,33 @@ def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: in
     return Permutation(*torch.ops.moe_kernels.permute(experts, num_experts, capacity, block_m))
 
 
+def gating_fake(logits, noise_logits, noise, router, k, renormalize, noise_epsilon):
+    """Empty tensors shaped as the outputs of the gating schema (a Routing); also the fake of ops.py's
+    gating ops, which share the schema."""
+    num_tokens, num_experts = logits.shape
+    k = 1 if router == "switch" else k  # the Triton launcher ignores k for "switch"; the C++ op requires 1
+    return (
+        logits.new_empty(num_tokens, k),
+        logits.new_empty(num_tokens, k, dtype=torch.int32),
+        logits.new_empty(num_experts),
+        logits.new_empty(num_experts),
+        logits.new_empty(num_experts),
+        logits.new_empty(num_tokens),
+    )
+
+
+def permute_fake(experts, num_experts, capacity, block_m):
+    """Empty tensors shaped as the outputs of the permute schema (a Permutation); also the fake of ops.py's
+    triton_permute."""
+    num_tokens, k = experts.shape
+    return (
+        experts.new_empty(num_experts),
+        experts.new_empty(num_experts + 1),
+        experts.new_empty(num_tokens, k),
+        experts.new_empty(num_sorted_rows(num_tokens, k, num_experts, block_m)),
+    )
+
+
 if _C is not None:
-
-    @torch.library.register_fake("moe_kernels::gating")
-    def _gating_fake(logits, noise_logits, noise, router, k, renormalize, noise_epsilon):
-        num_tokens, num_experts = logits.shape
-        return (
-            logits.new_empty(num_tokens, k),
-            logits.new_empty(num_tokens, k, dtype=torch.int32),
-            logits.new_empty(num_experts),
-            logits.new_empty(num_experts),
-            logits.new_empty(num_experts),
-            logits.new_empty(num_tokens),
-        )
-
-    @torch.library.register_fake("moe_kernels::permute")
-    def _permute_fake(experts, num_experts, capacity, block_m):
-        num_tokens, k = experts.shape
-        return (
-            experts.new_empty(num_experts),
-            experts.new_empty(num_experts + 1),
-            experts.new_empty(num_tokens, k),
-            experts.new_empty(num_sorted_rows(num_tokens, k, num_experts, block_m)),
-        )
+    torch.library.register_fake("moe_kernels::gating", gating_fake)
+    torch.library.register_fake("moe_kernels::permute", permute_fake)

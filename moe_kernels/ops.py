@@ -1,92 +1,253 @@
-"""The autograd boundary over the Triton stages: thin Functions that call the launchers.
+"""The autograd boundary over the Triton stages: ``torch.library`` custom ops that call the launchers.
+
+Each stage is an opaque op of namespace ``moe_kernels`` with a fake (shapes only) and, where it is
+differentiable, an autograd formula whose backward is itself a custom op, so torch.compile(fullgraph=True)
+traces the layer forward and backward without looking inside a launcher (tests/test_ops.py), and CUDA
+graphs capture the forward (tests/test_cuda_graph.py, on the GPU):
+
+  triton_gating(logits, noise_logits?, noise?, router, k, renormalize, noise_epsilon) -> 6 Tensors (a Routing)
+  native_gating(same)                           the C++ ``moe_kernels::gating`` forward (backend "cuda")
+  triton_gating_backward(5 grads?, logits, noise_logits?, noise?, experts, router, k, renormalize,
+                         noise_epsilon) -> [grad_logits] or [grad_logits, grad_noise_logits]
+  triton_permute(experts, num_experts, capacity?, block_m) -> 4 Tensors (a Permutation)
+  expert_up(x, up_weight, <permutation>, activation) -> hidden
+  expert_up_backward(grad_hidden, x, up_weight, <permutation>, activation) -> (grad_x, grad_up_weight)
+  expert_down_combine(hidden, down_weight, <permutation>, weights) -> y
+  expert_down_combine_backward(grad_y, hidden, down_weight, <permutation>, weights)
+      -> (grad_hidden, grad_down_weight, grad_weights)
+
+Schemas take tensors and scalars only: <permutation> is the four tensors of a ``Permutation`` and a
+``RouterConfig`` travels as router, k, renormalize, noise_epsilon; the helpers at the bottom (``route``,
+``permute``, ``expert_up``, ``expert_down_combine``) take and return the pipeline's types.
 
 Saved for backward, per token (k assignments, R ≈ T·k rows plus padding):
-- Gating keeps the router logits (and, for noisy top-k in training, the noise logits and the noise),
-  alive anyway, and the int32 expert ids (4·k bytes); its backward recomputes the softmax and gates.
-- ExpertUp keeps x, up_weight and the permutation, all alive anyway; its backward recomputes the
+- triton_gating and native_gating keep the router logits (and, for noisy top-k in training, the noise
+  logits and the noise), alive anyway, and the int32 expert ids (4·k bytes); triton_gating_backward
+  recomputes the softmax and gates.
+- expert_up keeps x, up_weight and the permutation, all alive anyway; its backward recomputes the
   pre-activation inside the kernel that applies the activation's backward, so it saves no activation of
   its own. Storing the pre-activation instead would cost k·N·itemsize bytes per token (N = 2·d_ff gated).
-- ExpertDownCombine keeps hidden (its input, k·d_ff·itemsize bytes per token, plus padding rows), the
+- expert_down_combine keeps hidden (its input, k·d_ff·itemsize bytes per token, plus padding rows), the
   float32 gate weights (4·k bytes) and the permutation (int32: 4·k for sorted_rows and 4·k for
-  sorted_assignments). The per-assignment expert outputs are not kept: d(weights) comes out of the
-  d(hidden) GEMM as <hidden, dy·down_weight>.
+  sorted_assignments; tokens_per_expert and expert_offsets are per expert). The per-assignment expert
+  outputs are not kept: d(weights) comes out of the d(hidden) GEMM as <hidden, dy·down_weight>.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .kernels.gating import gating_backward, gating_forward
-from .kernels.grouped_gemm import (
-    expert_down_combine_backward,
-    expert_down_combine_forward,
-    expert_up_backward,
-    expert_up_forward,
-)
+from . import native
+from .activations import is_gated
+from .kernels import gating, grouped_gemm
+from .kernels.permute import permute as permute_launcher
 from .pipeline import Permutation, RouterConfig
 from .routing import Routing
 
+# ---------------------------------------------------------------------------------------------- gating
 
-class Gating(torch.autograd.Function):
-    """The fields of a gating launcher's Routing; differentiable in logits and noise_logits (not the ids).
 
-    ``launch`` is the forward launcher: the Triton kernel's, or the native op's (same outputs, same ids).
+def _separate(routing: Routing) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # The launchers return importance, load and probability_sum as views of one [3, E] sum; a custom op's
+    # outputs may not alias one another, so each gets its own storage (3·E floats).
+    weights, experts, importance, load, probability_sum, logsumexp = routing
+    return weights, experts, importance.clone(), load.clone(), probability_sum.clone(), logsumexp
+
+
+def _gating_forward_op(name: str, launch):
+    """A custom op of the C++ gating schema whose forward is ``launch`` (a gating launcher's signature);
+    the fields of a Routing, differentiable in logits and noise_logits by triton_gating_backward."""
+
+    def forward(
+        logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, router: str, k: int, renormalize: bool,
+        noise_epsilon: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _separate(launch(logits, noise_logits, noise, RouterConfig(router, k, renormalize, noise_epsilon)))
+
+    op = torch.library.custom_op(f"moe_kernels::{name}", forward, mutates_args=())
+    op.register_fake(native.gating_fake)
+    op.register_autograd(_gating_backward, setup_context=_gating_setup_context)
+    return op
+
+
+@torch.library.custom_op("moe_kernels::triton_gating_backward", mutates_args=())
+def triton_gating_backward(
+    grad_weights: Tensor | None, grad_importance: Tensor | None, grad_load: Tensor | None,
+    grad_probability_sum: Tensor | None, grad_logsumexp: Tensor | None,
+    logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, experts: Tensor,
+    router: str, k: int, renormalize: bool, noise_epsilon: float,
+) -> list[Tensor]:
+    """``kernels.gating.gating_backward``: [grad_logits], plus grad_noise_logits for noisy top-k in training.
+
+    A list because a schema cannot return an optional tensor.
     """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig, launch):
-        routing = launch(logits, noise_logits, noise, config)
-        ctx.save_for_backward(logits, noise_logits, noise, routing.experts)
-        ctx.config = config
-        ctx.mark_non_differentiable(routing.experts)
-        return tuple(routing)
-
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_experts, grad_importance, grad_load, grad_probability_sum, grad_logsumexp):
-        logits, noise_logits, noise, experts = ctx.saved_tensors
-        grad_logits, grad_noise_logits = gating_backward(
-            grad_weights, grad_importance, grad_load, grad_probability_sum, grad_logsumexp,
-            logits, noise_logits, noise, experts, ctx.config,
-        )
-        return grad_logits, grad_noise_logits, None, None, None
+    config = RouterConfig(router, k, renormalize, noise_epsilon)
+    grad_logits, grad_noise_logits = gating.gating_backward(
+        grad_weights, grad_importance, grad_load, grad_probability_sum, grad_logsumexp,
+        logits, noise_logits, noise, experts, config,
+    )
+    return [grad_logits] if grad_noise_logits is None else [grad_logits, grad_noise_logits]
 
 
-def route(
-    logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig, launch=gating_forward
-) -> Routing:
-    """The router of ``config`` by ``launch`` (default: the Triton gating kernel) as a differentiable Routing."""
-    return Routing(*Gating.apply(logits, noise_logits, noise, config, launch))
+@triton_gating_backward.register_fake
+def _(grad_weights, grad_importance, grad_load, grad_probability_sum, grad_logsumexp,
+      logits, noise_logits, noise, experts, router, k, renormalize, noise_epsilon):
+    noisy = router == "noisy_topk" and noise is not None
+    return [torch.empty_like(logits) for _ in range(2 if noisy else 1)]
 
 
-class ExpertUp(torch.autograd.Function):
-    """hidden = expert_up_forward(x, up_weight, permutation, activation); differentiable in x and up_weight."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
-        ctx.save_for_backward(x, up_weight, *permutation)
-        ctx.activation = activation
-        return expert_up_forward(x, up_weight, permutation, activation)
-
-    @staticmethod
-    def backward(ctx, grad_hidden: Tensor):
-        x, up_weight, *permutation = ctx.saved_tensors
-        grad_x, grad_up_weight = expert_up_backward(grad_hidden, x, up_weight, Permutation(*permutation), ctx.activation)
-        return grad_x, grad_up_weight, None, None
+def _gating_setup_context(ctx, inputs, output):
+    logits, noise_logits, noise, *config = inputs
+    ctx.save_for_backward(logits, noise_logits, noise, output[1])
+    ctx.config = config
 
 
-class ExpertDownCombine(torch.autograd.Function):
-    """y = expert_down_combine_forward(hidden, down_weight, permutation, weights); differentiable in hidden,
+def _gating_backward(ctx, grad_weights, _grad_experts, grad_importance, grad_load, grad_probability_sum, grad_logsumexp):
+    logits, noise_logits, noise, experts = ctx.saved_tensors
+    grads = triton_gating_backward(
+        grad_weights, grad_importance, grad_load, grad_probability_sum, grad_logsumexp,
+        logits, noise_logits, noise, experts, *ctx.config,
+    )
+    grad_noise_logits = grads[1] if len(grads) == 2 else None
+    return grads[0], grad_noise_logits, None, None, None, None, None
+
+
+# The Triton kernel's forward, and the C++ op's (backend "cuda"): same outputs, same ids, one backward.
+triton_gating = _gating_forward_op("triton_gating", gating.gating_forward)
+native_gating = _gating_forward_op("native_gating", native.route)
+_GATING_FORWARDS = {"triton": triton_gating, "native": native_gating}
+
+# ----------------------------------------------------------------------------------------- permutation
+
+
+@torch.library.custom_op("moe_kernels::triton_permute", mutates_args=())
+def triton_permute(
+    experts: Tensor, num_experts: int, capacity: int | None, block_m: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``kernels.permute.permute``: the four tensors of a Permutation; integers, not differentiable."""
+    return tuple(permute_launcher(experts, num_experts, capacity, block_m))
+
+
+triton_permute.register_fake(native.permute_fake)
+
+# ---------------------------------------------------------------------------------- GEMM 1: expert_up
+
+
+@torch.library.custom_op("moe_kernels::expert_up", mutates_args=())
+def expert_up_op(
+    x: Tensor, up_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor, sorted_rows: Tensor,
+    sorted_assignments: Tensor, activation: str,
+) -> Tensor:
+    """``kernels.grouped_gemm.expert_up_forward``: hidden [R, d_ff]; differentiable in x and up_weight."""
+    permutation = Permutation(tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments)
+    return grouped_gemm.expert_up_forward(x, up_weight, permutation, activation)
+
+
+@torch.library.custom_op("moe_kernels::expert_up_backward", mutates_args=())
+def expert_up_backward_op(
+    grad_hidden: Tensor, x: Tensor, up_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor,
+    sorted_rows: Tensor, sorted_assignments: Tensor, activation: str,
+) -> tuple[Tensor, Tensor]:
+    """``kernels.grouped_gemm.expert_up_backward``: (grad_x, grad_up_weight)."""
+    permutation = Permutation(tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments)
+    return grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, permutation, activation)
+
+
+@expert_up_op.register_fake
+def _(x, up_weight, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, activation):
+    n_up = up_weight.shape[1]
+    return x.new_empty(sorted_assignments.shape[0], n_up // 2 if is_gated(activation) else n_up)
+
+
+@expert_up_backward_op.register_fake
+def _(grad_hidden, x, up_weight, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, activation):
+    return x.new_empty(x.shape), torch.empty_like(up_weight, memory_format=torch.contiguous_format)
+
+
+def _expert_up_setup_context(ctx, inputs, output):
+    *tensors, activation = inputs
+    ctx.save_for_backward(*tensors)  # x, up_weight and the permutation
+    ctx.activation = activation
+
+
+def _expert_up_backward(ctx, grad_hidden):
+    grad_x, grad_up_weight = expert_up_backward_op(grad_hidden, *ctx.saved_tensors, ctx.activation)
+    return grad_x, grad_up_weight, None, None, None, None, None
+
+
+expert_up_op.register_autograd(_expert_up_backward, setup_context=_expert_up_setup_context)
+
+# -------------------------------------------------------------------- GEMM 2 + combine: expert_down_combine
+
+
+@torch.library.custom_op("moe_kernels::expert_down_combine", mutates_args=())
+def expert_down_combine_op(
+    hidden: Tensor, down_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor, sorted_rows: Tensor,
+    sorted_assignments: Tensor, weights: Tensor,
+) -> Tensor:
+    """``kernels.grouped_gemm.expert_down_combine_forward``: y [T, d]; differentiable in hidden, down_weight
+    and weights."""
+    permutation = Permutation(tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments)
+    return grouped_gemm.expert_down_combine_forward(hidden, down_weight, permutation, weights)
+
+
+@torch.library.custom_op("moe_kernels::expert_down_combine_backward", mutates_args=())
+def expert_down_combine_backward_op(
+    grad_y: Tensor, hidden: Tensor, down_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor,
+    sorted_rows: Tensor, sorted_assignments: Tensor, weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``kernels.grouped_gemm.expert_down_combine_backward``: (grad_hidden, grad_down_weight, grad_weights)."""
+    permutation = Permutation(tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments)
+    return grouped_gemm.expert_down_combine_backward(grad_y, hidden, down_weight, permutation, weights)
+
+
+@expert_down_combine_op.register_fake
+def _(hidden, down_weight, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, weights):
+    return hidden.new_empty(sorted_rows.shape[0], down_weight.shape[1])
+
+
+@expert_down_combine_backward_op.register_fake
+def _(grad_y, hidden, down_weight, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, weights):
+    return (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(down_weight, memory_format=torch.contiguous_format),
+        weights.new_empty(weights.shape),
+    )
+
+
+def _expert_down_combine_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # hidden, down_weight, the permutation and weights
+
+
+def _expert_down_combine_backward(ctx, grad_y):
+    grad_hidden, grad_down_weight, grad_weights = expert_down_combine_backward_op(grad_y, *ctx.saved_tensors)
+    return grad_hidden, grad_down_weight, None, None, None, None, grad_weights
+
+
+expert_down_combine_op.register_autograd(_expert_down_combine_backward, setup_context=_expert_down_combine_setup_context)
+
+# ------------------------------------------------------------------------- what the backends call
+
+
+def route(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig,
+          forward: str = "triton") -> Routing:
+    """The router of ``config`` as a differentiable Routing; the forward by the Triton gating kernel
+    (``forward="triton"``) or by the native op (``"native"``), the backward by the Triton kernel."""
+    op = _GATING_FORWARDS[forward]
+    return Routing(*op(logits, noise_logits, noise, config.router, config.k, config.renormalize, config.noise_epsilon))
+
+
+def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: int) -> Permutation:
+    """The Permutation of expert ids [T, k] int32, segments padded to block_m (capacity None: dropless)."""
+    return Permutation(*triton_permute(experts, num_experts, capacity, block_m))
+
+
+def expert_up(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
+    """hidden [R, d_ff] = act(x[token(r)] · up_weight[e(r)]ᵀ); differentiable in x and up_weight."""
+    return expert_up_op(x, up_weight, *permutation, activation)
+
+
+def expert_down_combine(hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
+    """y [T, d] = Σ_s weights[t, s]·(hidden[row(t, s)] · down_weight[e]ᵀ); differentiable in hidden,
     down_weight and weights."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
-        ctx.save_for_backward(hidden, down_weight, weights, *permutation)
-        return expert_down_combine_forward(hidden, down_weight, permutation, weights)
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        hidden, down_weight, weights, *permutation = ctx.saved_tensors
-        grad_hidden, grad_down_weight, grad_weights = expert_down_combine_backward(
-            grad_y, hidden, down_weight, Permutation(*permutation), weights
-        )
-        return grad_hidden, grad_down_weight, None, grad_weights
+    return expert_down_combine_op(hidden, down_weight, *permutation, weights)

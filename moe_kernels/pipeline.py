@@ -1,7 +1,7 @@
 """The backend seam: route → permute → expert GEMMs → combine, one function per stage.
 
 A backend is an object with the four stage methods of ``Backend``; each stage is differentiable (plain
-autograd for backend "torch", a thin ``torch.autograd.Function`` over kernels for the others).
+autograd for backend "torch", ``torch.library`` custom ops with autograd over kernels for the others).
 ``moe_forward`` strings them together and is all the fast layer calls.
 
 The permutation layout, shared by every backend and every kernel:

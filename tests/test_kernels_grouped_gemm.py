@@ -231,7 +231,7 @@ def test_block_m_for_contract():
 
 @pytest.mark.parametrize("activation,block_m", [("swiglu", 16), ("gelu", 1)])
 def test_autograd_functions_gradcheck_float64(activation, block_m):
-    """ops.ExpertUp ∘ ops.ExpertDownCombine under torch.autograd.gradcheck; the interpreter runs float64 tl.dot."""
+    """ops.expert_up ∘ ops.expert_down_combine (custom ops) under torch.autograd.gradcheck; the interpreter runs float64 tl.dot."""
     if DEVICE == "cuda":
         pytest.skip("float64 gradcheck runs under the interpreter; the GPU path is covered by the comparisons above")
     torch.manual_seed(3)
@@ -240,8 +240,8 @@ def test_autograd_functions_gradcheck_float64(activation, block_m):
     inputs = [t.clone().requires_grad_() for t in (problem.x, problem.up_weight, problem.down_weight, problem.weights)]
 
     def layer(x, up_weight, down_weight, weights):
-        hidden = ops.ExpertUp.apply(x, up_weight, permutation, activation)
-        return ops.ExpertDownCombine.apply(hidden, down_weight, permutation, weights)
+        hidden = ops.expert_up(x, up_weight, permutation, activation)
+        return ops.expert_down_combine(hidden, down_weight, permutation, weights)
 
     # fast_mode: random projections of the Jacobian, a few dozen interpreted launches instead of ~1000.
     assert torch.autograd.gradcheck(layer, inputs, eps=1e-6, atol=1e-8, fast_mode=True)

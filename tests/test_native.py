@@ -316,7 +316,7 @@ def test_cuda_host_side_compiles(tmp_path):
 @requires_native
 @pytest.mark.parametrize("router,renormalize,training", ROUTER_CASES)
 def test_native_gating_with_the_triton_backward_matches_autograd(router, renormalize, training):
-    """What backend "cuda" trains with: the native forward under ops.Gating's Triton backward."""
+    """What backend "cuda" trains with: the native forward under the Triton gating backward (ops.route)."""
     pytest.importorskip("triton")
     from moe_kernels import ops
 
@@ -324,7 +324,7 @@ def test_native_gating_with_the_triton_backward_matches_autograd(router, renorma
     config = RouterConfig(router, 1 if router == "switch" else 3, renormalize)
     logits, noise_logits, noise = router_inputs(40, 8, router, training)
     leaves = [t.requires_grad_() for t in (logits, noise_logits) if t is not None]
-    got = ops.route(logits, noise_logits, noise, config, launch=native.route)
+    got = ops.route(logits, noise_logits, noise, config, forward="native")
     expected = torch_backend.route(logits, noise_logits, noise, config)
     assert torch.equal(got.experts, expected.experts)
     upstream = [torch.randn_like(t) for t in (got.weights, got.importance, got.load, got.probability_sum, got.logsumexp)]

@@ -28,7 +28,7 @@ class CudaBackend(TritonBackend):
             )
 
     def route(self, logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
-        return ops.route(logits, noise_logits, noise, config, launch=native.route)
+        return ops.route(logits, noise_logits, noise, config, forward="native")
 
     def permute(self, experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
         num_tokens, k = experts.shape

@@ -1,12 +1,11 @@
 """Backend "triton": every stage by the Triton kernels of ``moe_kernels.kernels``, differentiable through
-the thin autograd Functions of ``moe_kernels.ops``. Importing it raises ImportError without Triton."""
+the custom ops of ``moe_kernels.ops``. Importing it raises ImportError without Triton."""
 from __future__ import annotations
 
 from torch import Tensor
 
 from .. import ops
 from ..kernels.grouped_gemm import block_m_for
-from ..kernels.permute import permute as permute_rows
 from ..pipeline import Permutation, RouterConfig
 from ..routing import Routing
 
@@ -22,10 +21,10 @@ class TritonBackend:
     def permute(self, experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
         # Segments padded to the GEMMs' tile height, so that each tile runs one expert.
         num_tokens, k = experts.shape
-        return permute_rows(experts, num_experts, capacity, block_m_for(num_tokens, k, num_experts))
+        return ops.permute(experts, num_experts, capacity, block_m_for(num_tokens, k, num_experts))
 
     def expert_up(self, x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
-        return ops.ExpertUp.apply(x, up_weight, permutation, activation)
+        return ops.expert_up(x, up_weight, permutation, activation)
 
     def expert_down_combine(self, hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
-        return ops.ExpertDownCombine.apply(hidden, down_weight, permutation, weights)
+        return ops.expert_down_combine(hidden, down_weight, permutation, weights)
