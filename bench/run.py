@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from moe_kernels.ops import saved_bytes_per_token
+
 from . import configs as bench_configs
 from .contenders import CONTENDERS, Prepared, Unavailable
 from .inputs import build_reference, make_tokens, rotate, routing_statistics
@@ -190,7 +192,8 @@ def main(argv=None) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (args.name or _default_name(device))
     meta = {**environment(device, dtype), "tokens": token_counts, "threads": torch.get_num_threads(), "contenders": [c.name for c in CONTENDERS],
-            "configs": [{**c.layer_arguments(), "name": c.name, "source": c.source} for c in layer_configs],
+            "configs": [{**c.layer_arguments(), "name": c.name, "source": c.source,
+                         "triton_saved_bytes_per_token": saved_bytes_per_token(c.k, c.d_ff, dtype.itemsize)} for c in layer_configs],
             "method": __doc__.split("\n\n", 3)[3].strip()}
     deadline = time.monotonic() + (args.time_budget or float("inf"))
 
@@ -218,7 +221,8 @@ def main(argv=None) -> Path:
 
 def _preamble(meta: dict) -> str:
     keys = ("date_utc", "device", "threads", "dtype", "python", "torch", "cuda", "triton", "transformers", "numpy", "moe_kernels_commit", "argv")
-    return "".join(f"# {key}: {meta[key]}\n" for key in keys) + "".join(f"# {line}\n" for line in meta["method"].splitlines()) + "\n"
+    saved = "".join(f"# saved for backward by backend triton, {c['name']}: {c['triton_saved_bytes_per_token']} B/token\n" for c in meta["configs"])
+    return "".join(f"# {key}: {meta[key]}\n" for key in keys) + "".join(f"# {line}\n" for line in meta["method"].splitlines()) + saved + "\n"
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ Saved for backward, per token (k assignments, R ≈ T·k rows plus padding):
   float32 gate weights (4·k bytes) and the permutation (int32: 4·k for sorted_rows and 4·k for
   sorted_assignments; tokens_per_expert and expert_offsets are per expert). The per-assignment expert
   outputs are not kept: d(weights) comes out of the d(hidden) GEMM as <hidden, dy·down_weight>.
+``saved_bytes_per_token`` adds these up.
 """
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ from .kernels import gating, grouped_gemm
 from .kernels.permute import permute as permute_launcher
 from .pipeline import Permutation, RouterConfig
 from .routing import Routing
+
+
+def saved_bytes_per_token(k: int, d_ff: int, element_size: int) -> int:
+    """Bytes per token that backend "triton" keeps for backward beyond the tensors alive anyway (x, the
+    router logits, the parameters): hidden, the gate weights, the expert ids and the two per-assignment
+    permutation vectors; padding rows (at most E·(block_m − 1) per call) not counted."""
+    return k * (d_ff * element_size + 4 + 4 + 4 + 4)
 
 # ---------------------------------------------------------------------------------------------- gating
 

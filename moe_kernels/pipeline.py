@@ -80,8 +80,8 @@ class Backend(Protocol):
     def expert_up(self, x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
         """act(x[token of row] · up_weight[e]ᵀ) for every sorted row: [R, d_ff] in x's dtype.
 
-        up_weight: [E, 2·d_ff, d] (gated activations, gate rows first) or [E, d_ff, d]. Padding rows hold
-        unspecified values.
+        up_weight: [E, 2·d_ff, d] (gated activations, gate rows first) or [E, d_ff, d], in x's dtype.
+        Padding rows hold unspecified values.
         """
 
     def expert_down_combine(self, hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
@@ -119,6 +119,7 @@ def moe_forward(
     aux_loss = router_loss(routing, config.router.router, config.router.k, config.loss_weights)
     capacity = expert_capacity(config.capacity_factor, x.shape[0], config.router.k, config.num_experts)
     permutation = backend.permute(routing.experts, config.num_experts, capacity)
-    hidden = backend.expert_up(x, up_weight, permutation, config.activation)
-    y = backend.expert_down_combine(hidden, down_weight, permutation, routing.weights)
+    # The experts compute in x's dtype (a no-op cast when the parameters already have it).
+    hidden = backend.expert_up(x, up_weight.to(x.dtype), permutation, config.activation)
+    y = backend.expert_down_combine(hidden, down_weight.to(x.dtype), permutation, routing.weights)
     return y, aux_loss

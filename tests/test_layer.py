@@ -56,6 +56,20 @@ def test_eval_mode_matches_reference(router, backend):
     assert_layer_matches(*layers, torch.randn(3, 11, 12), torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_parameters_with_half_input(backend):
+    """The experts compute in x's dtype; the output keeps it."""
+    skip_unless_runnable(backend, torch.float16)
+    torch.manual_seed(12)
+    device = device_for(backend)
+    base = randomize_(reference.MoE(16, 24, 4, k=2)).to(device)
+    fast = moe_kernels.MoE.from_reference(copy.deepcopy(base), backend=backend)
+    x = torch.randn(30, 16, device=device)
+    y = fast(x.half())
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), base(x), rtol=1e-2, atol=1e-2)
+
+
 def test_leading_dimensions_are_kept():
     layer = randomize_(moe_kernels.MoE(8, 6, 4, k=2))
     x = torch.randn(2, 3, 5, 8)

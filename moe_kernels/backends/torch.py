@@ -104,12 +104,12 @@ def expert_up(x: Tensor, up_weight: Tensor, permutation: Permutation, activation
     # Unused rows read an appended zero token, so nothing of a real token leaks into them.
     tokens = torch.where(assignments >= 0, assignments // k, num_tokens)
     x_and_zero_row = torch.cat([x, x.new_zeros(1, x.shape[1])])
-    pre_activation = grouped_matmul(x_and_zero_row[tokens], up_weight.to(x.dtype), permutation)
+    pre_activation = grouped_matmul(x_and_zero_row[tokens], up_weight, permutation)
     return activate(pre_activation, activation)
 
 
 def expert_down_combine(hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
-    expert_outputs = grouped_matmul(hidden, down_weight.to(hidden.dtype), permutation)
+    expert_outputs = grouped_matmul(hidden, down_weight, permutation)
     kept = permutation.sorted_rows >= 0
     per_assignment = expert_outputs[permutation.sorted_rows.clamp(min=0).long()].to(weights.dtype)
     # where, not a multiply by zero: a dropped slot must not pick up a non-finite row of another token.
