@@ -78,8 +78,8 @@ def _ours(backend: str):
             resolve(backend, device)
         except ImportError as error:
             raise Unavailable("missing", f"{type(error).__name__}: {error}") from None
-        if device.type == "cpu" and backend != "torch":
-            raise Unavailable("n/a", f"backend {backend!r} runs CUDA kernels (the CPU only under TRITON_INTERPRET)")
+        except ValueError as error:  # installed, but not for this device
+            raise Unavailable("n/a", str(error)) from None
         fast = moe_kernels.MoE.from_reference(layer, backend=backend)
         return Prepared(fast, list(layer.parameters()))
 

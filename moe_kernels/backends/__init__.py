@@ -44,12 +44,14 @@ def available() -> tuple[str, ...]:
 
 
 def resolve(name: str, device: torch.device) -> Backend:
-    """The Backend called ``name`` ("auto" chooses by device); ImportError if it is not installed."""
+    """The Backend called ``name`` ("auto" chooses by device): ImportError if it is not installed,
+    ValueError if it cannot run on ``device``."""
     if name == "auto":
         name = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+    backend = _load(name)
     if name != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"backend {name!r} runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, for testing); "
             f"x is on {device}: use backend 'torch' or 'auto'"
         )
-    return _load(name)
+    return backend
