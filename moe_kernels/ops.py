@@ -52,6 +52,7 @@ def saved_bytes_per_token(k: int, d_ff: int, element_size: int) -> int:
     permutation vectors; padding rows (at most E·(block_m − 1) per call) not counted."""
     return k * (d_ff * element_size + 4 + 4 + 4 + 4)
 
+
 # ---------------------------------------------------------------------------------------------- gating
 
 
