@@ -6,7 +6,6 @@ over the experts. The routing itself stays the layer's own (top-k of softmax); o
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 from typing import Iterator
 
@@ -14,12 +13,10 @@ import torch
 from torch import Tensor
 
 from moe_kernels import reference, routing
+from moe_kernels.backends import pytorch as torch_backend
 
 from .configs import BenchConfig
 
-# Not `from moe_kernels.backends import torch`: until that submodule is imported, the package's attribute
-# `torch` is the torch library that backends/__init__.py imports.
-torch_backend = importlib.import_module("moe_kernels.backends.torch")
 
 ZIPF_EXPONENT = 1.2
 # Enough distinct inputs that one call's activations are not still in the GPU's L2 (50 MB on H100) from

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moe_kernels import native
-from moe_kernels.backends import torch as torch_backend
+from moe_kernels.backends import pytorch as torch_backend
 from moe_kernels.pipeline import RouterConfig
 
 from .report import environment
@@ -49,7 +49,7 @@ def _contenders(device: torch.device) -> dict:
 
 
 def measure(device: torch.device) -> list[dict]:
-    from moe_kernels.kernels.grouped_gemm import block_m_for
+    from moe_kernels.kernels.tiles import block_m_for
 
     rows = []
     for name, contender in _contenders(device).items():

@@ -109,7 +109,7 @@ def test_launcher(benchmark, stage, config):
     except ImportError as error:
         pytest.skip(f"backend 'triton' not installed, needed for the kernels' input layout: {error}")
     if stage == "permute":
-        block_m = importlib.import_module("moe_kernels.kernels.grouped_gemm").block_m_for(NUM_TOKENS, config.k, config.num_experts)
+        block_m = importlib.import_module("moe_kernels.kernels.tiles").block_m_for(NUM_TOKENS, config.k, config.num_experts)
         arguments = (*arguments, block_m)
     with torch.no_grad():
         benchmark(_synchronized(lambda: launcher(*arguments)))

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton", reason="the gating kernels need Triton")
 
-from moe_kernels.backends.torch import route  # noqa: E402
+from moe_kernels.backends.pytorch import route  # noqa: E402
 from moe_kernels.kernels.gating import gating_backward, gating_forward  # noqa: E402
 from moe_kernels.pipeline import RouterConfig  # noqa: E402
 

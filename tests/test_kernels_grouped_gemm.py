@@ -12,7 +12,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -23,13 +22,11 @@ pytest.importorskip("triton")
 from helpers import padded_permutation  # noqa: E402
 from moe_kernels import ops  # noqa: E402
 from moe_kernels.activations import is_gated  # noqa: E402
-from moe_kernels.kernels import grouped_gemm  # noqa: E402
+from moe_kernels.backends import pytorch as torch_backend  # noqa: E402
+from moe_kernels.kernels import grouped_gemm, tiles  # noqa: E402
 from moe_kernels.kernels.combine import combine  # noqa: E402
 from moe_kernels.pipeline import Permutation, expert_capacity, num_sorted_rows  # noqa: E402
 
-# backends/__init__.py binds the name `torch` to the torch library, so `from moe_kernels.backends import torch`
-# would return that instead of the submodule.
-torch_backend = importlib.import_module("moe_kernels.backends.torch")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
@@ -223,10 +220,10 @@ def test_combine_skips_dropped_slots_and_sums_in_slot_order():
 
 
 def test_block_m_for_contract():
-    sizes = [grouped_gemm.block_m_for(num_tokens, k, num_experts) for num_tokens in (0, 1, 150, 4096, 65536) for k in (1, 2, 8) for num_experts in (1, 8, 64)]
+    sizes = [tiles.block_m_for(num_tokens, k, num_experts) for num_tokens in (0, 1, 150, 4096, 65536) for k in (1, 2, 8) for num_experts in (1, 8, 64)]
     assert set(sizes) <= {16, 32, 64}
-    assert grouped_gemm.block_m_for(0, 2, 8) == 16 and grouped_gemm.block_m_for(65536, 8, 8) == 64
-    assert [grouped_gemm.block_m_for(t, 2, 8) for t in (1, 1024, 4096)] == sorted(grouped_gemm.block_m_for(t, 2, 8) for t in (1, 1024, 4096))
+    assert tiles.block_m_for(0, 2, 8) == 16 and tiles.block_m_for(65536, 8, 8) == 64
+    assert [tiles.block_m_for(t, 2, 8) for t in (1, 1024, 4096)] == sorted(tiles.block_m_for(t, 2, 8) for t in (1, 1024, 4096))
 
 
 @pytest.mark.parametrize("activation,block_m", [("swiglu", 16), ("gelu", 1)])

@@ -1,6 +1,6 @@
 """The Triton permutation against backend "torch"'s permute, under the interpreter on the CPU.
 
-With block_m = 1 the kernel must equal backends/torch.py's permute exactly; with block_m > 1 the reference
+With block_m = 1 the kernel must equal backends/pytorch.py's permute exactly; with block_m > 1 the reference
 is that same permutation with every segment moved to start at a multiple of block_m (pipeline's layout).
 Everything is int32, so every comparison is exact.
 """
@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton", reason="the permutation kernels need Triton")
 
 from helpers import padded_permutation  # noqa: E402
-from moe_kernels.backends.torch import permute as torch_permute  # noqa: E402
+from moe_kernels.backends.pytorch import permute as torch_permute  # noqa: E402
 from moe_kernels.kernels.permute import permute  # noqa: E402
 from moe_kernels.pipeline import Permutation, expert_capacity, num_sorted_rows  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The native ops of moe_kernels._C against their PyTorch definitions (routing.py, backends/torch.py).
+"""The native ops of moe_kernels._C against their PyTorch definitions (routing.py, backends/pytorch.py).
 
 Tolerances: expert ids, their order and every permutation tensor are compared exactly. Per-token floats
 (weights, logsumexp) against PyTorch in float32: rtol 1e-6, atol 1e-6, a few float32 ulps of values of
@@ -10,7 +10,6 @@ Build the extension first: python setup.py build_ext --inplace (or pip install -
 from __future__ import annotations
 
 import glob
-import importlib
 import math
 import os
 import shutil
@@ -28,7 +27,7 @@ from moe_kernels.layer import MoE
 from moe_kernels.pipeline import Permutation, RouterConfig, num_sorted_rows
 from moe_kernels.reference import MoE as ReferenceMoE
 
-torch_backend = importlib.import_module("moe_kernels.backends.torch")
+from moe_kernels.backends import pytorch as torch_backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 requires_native = pytest.mark.skipif(

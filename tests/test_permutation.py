@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe_kernels.backends.torch import permute
+from moe_kernels.backends.pytorch import permute
 
 
 def expected_permutation(experts, num_experts, capacity):

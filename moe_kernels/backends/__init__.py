@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import TYPE_CHECKING
+
+import torch
 
 from ..pipeline import Backend
-
-if TYPE_CHECKING:  # only then: at run time it would make `from moe_kernels.backends import torch`
-    import torch  # return the library rather than backends/torch.py until that module is imported.
 
 BACKENDS = ("torch", "triton", "cuda")
 
@@ -30,7 +28,7 @@ def _load(name: str) -> Backend:
     # Plain import statements, not importlib.import_module, so that torch.compile traces the layer's
     # forward (which resolves its backend) in one graph.
     if name == "torch":
-        from .torch import TorchBackend as backend
+        from .pytorch import TorchBackend as backend
     elif name == "triton":
         from .triton import TritonBackend as backend
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import native, ops
-from ..kernels.grouped_gemm import block_m_for
+from ..kernels.tiles import block_m_for
 from ..pipeline import Permutation, RouterConfig
 from ..routing import Routing
 from .triton import TritonBackend

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import ops
-from ..kernels.grouped_gemm import block_m_for
+from ..kernels.tiles import block_m_for
 from ..pipeline import Permutation, RouterConfig
 from ..routing import Routing
 

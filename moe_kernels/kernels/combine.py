@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .tiles import combine_block_d
+
 
 @triton.jit
 def _combine_kernel(
@@ -48,11 +50,6 @@ def _combine_kernel(
     tl.store(out_ptr + token * stride_ot + cols * stride_od, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _combine_block_d(d: int) -> int:
-    # One program per token and column block; wide blocks keep the k loads long and contiguous. Untuned.
-    return min(triton.next_power_of_2(max(d, 16)), 1024)
-
-
 def combine(per_assignment: Tensor, sorted_rows: Tensor, weights: Tensor | None = None) -> Tensor:
     """out[t] = Σ_s weights[t, s]·per_assignment[t·k + s] over kept slots s (weights None: all 1), s ascending.
 
@@ -70,7 +67,7 @@ def combine(per_assignment: Tensor, sorted_rows: Tensor, weights: Tensor | None 
     has_weights = weights is not None
     weights_arg = weights if has_weights else sorted_rows
     acc_dtype = tl.float64 if per_assignment.dtype == torch.float64 else tl.float32
-    block_d = _combine_block_d(d)
+    block_d = combine_block_d(d)
     grid = lambda META: (num_tokens, triton.cdiv(d, META["BLOCK_D"]))  # noqa: E731
     _combine_kernel[grid](
         per_assignment, sorted_rows, weights_arg, out,

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..pipeline import RouterConfig
 from ..routing import Routing
+from .tiles import gating_tiles
 
 
 @triton.jit
@@ -356,15 +357,6 @@ def _gating_bwd_kernel(
     )
 
 
-def _launch_config(block_e: int) -> tuple[int, int]:
-    """(BLOCK_T, num_warps): a [BLOCK_T, BLOCK_E] tile of about 2048 float32 over 8 warps.
-
-    Sized so that both kernels compile for sm_90 without register spills for E ≤ 256, k ≤ 8 (checked with
-    ptxas through cuobjdump; 4096 over 4 warps spilled). Not yet timed on a GPU.
-    """
-    return max(1, min(64, 2048 // block_e)), 8
-
-
 def _router_flags(config: RouterConfig, noise: Tensor | None) -> tuple[int, bool, bool, bool]:
     """(k, SELECT_ON_LOGITS, NOISY, RENORMALIZE) of a router; "switch" is top-1 without renormalisation."""
     if config.router == "switch":
@@ -400,7 +392,7 @@ def gating_forward(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | 
     k, select_on_logits, noisy, renormalize = _router_flags(config, noise)
     num_tokens, num_experts = logits.shape
     block_e = triton.next_power_of_2(num_experts)
-    block_t, num_warps = _launch_config(block_e)
+    block_t, num_warps = gating_tiles(block_e)
     num_selected = min(k + 1, num_experts) if noisy else k
 
     weights = torch.empty((num_tokens, k), dtype=torch.float32, device=logits.device)
@@ -454,7 +446,7 @@ def gating_backward(
     k, select_on_logits, noisy, renormalize = _router_flags(config, noise)
     num_tokens, num_experts = logits.shape
     block_e = triton.next_power_of_2(num_experts)
-    block_t, num_warps = _launch_config(block_e)
+    block_t, num_warps = gating_tiles(block_e)
     zero = logits.new_zeros(())
     # A missing gradient is zero: a stride-0 view of one zero, nothing allocated.
     grad_weights = zero.expand(num_tokens, k) if grad_weights is None else grad_weights

@@ -7,15 +7,13 @@ Backward: expert_down_combine_backward d(hidden), d(down_weight), d(weights)
 
 A GEMM program owns BLOCK_M consecutive sorted rows × BLOCK_N output columns. It finds the experts whose
 segments meet its rows from expert_offsets (on the device, no host sync) and loops over them, masking the
-rows of other experts and the padding; with the permutation padded to ``block_m_for`` == BLOCK_M that loop
+rows of other experts and the padding; with the permutation padded to ``tiles.block_m_for`` == BLOCK_M that loop
 runs exactly once. Any block_m (1 included) is therefore correct; only the efficiency depends on it.
 Rows of x are gathered by token inside the kernels and per-assignment results are scattered by assignment,
 so no permuted copy of x or of dy is ever materialised. Nothing uses atomics: every sum over rows or over
 the k slots of a token runs in a fixed order, so results are bitwise deterministic.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,46 +23,7 @@ from torch import Tensor
 from ..activations import ACTIVATIONS, is_gated
 from ..pipeline import Permutation
 from .combine import combine
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and launch parameters of one grouped GEMM launch."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-def block_m_for(num_tokens: int, k: int, num_experts: int) -> int:
-    """The tile height the permutation is padded to, from shapes only: 16, 32 or 64.
-
-    At least 16 because tl.dot needs 16 rows. Padding costs up to E·(block_m − 1) rows next to the T·k real
-    ones, so taller tiles wait until experts average enough rows (≥ 256, ≥ 1024) to keep it a few percent.
-    """
-    rows_per_expert = num_tokens * k / max(num_experts, 1)
-    if rows_per_expert >= 1024:
-        return 64
-    if rows_per_expert >= 256:
-        return 32
-    return 16
-
-
-def tile_config(num_tokens: int, k: int, num_experts: int, n_out: int, n_in: int, dtype: torch.dtype) -> TileConfig:
-    """Tiles for a grouped GEMM producing n_out columns from n_in: keyed on (T bucket via block_m_for, d, d_ff, E, k, dtype).
-
-    Not tuned on a GPU yet: the sizes follow Triton's matmul tutorial (128×64 tiles, 3 stages, 16-bit
-    inputs), halved along K for 4-byte inputs to keep shared memory in budget, and shrunk to the problem
-    for narrow layers. Tune with bench/ on an H100 before trusting them for speed.
-    """
-    block_m = block_m_for(num_tokens, k, num_experts)
-    wide_inputs = dtype.itemsize >= 4
-    block_n = min(128, max(16, triton.next_power_of_2(n_out)))
-    block_k = min(32 if wide_inputs else 64, max(16, triton.next_power_of_2(n_in)))
-    num_warps = 8 if block_m * block_n >= 64 * 128 else 4
-    return TileConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=3)
+from .tiles import gemm_tiles
 
 
 @triton.jit
@@ -407,7 +366,7 @@ def _up_launch(
     k = permutation.sorted_rows.shape[1]
     num_rows = permutation.sorted_assignments.shape[0]
     d_ff = n_up // 2 if is_gated(activation) else n_up
-    config = tile_config(num_tokens, k, num_experts, d_ff, d, x.dtype)
+    config = gemm_tiles(num_tokens, k, num_experts, d_ff, d, x.dtype)
     backward = grad_hidden is not None
     grad = grad_hidden if backward else out
     grid = lambda META: (triton.cdiv(num_rows, META["BLOCK_M"]), triton.cdiv(d_ff, META["BLOCK_N"]))  # noqa: E731
@@ -437,7 +396,7 @@ def _rows_to_assignments(rows: Tensor, weight: Tensor, permutation: Permutation)
     num_rows, n_in = rows.shape
     num_experts, _, n_out = weight.shape
     out = torch.empty((num_tokens * k, n_out), dtype=rows.dtype, device=rows.device)
-    config = tile_config(num_tokens, k, num_experts, n_out, n_in, rows.dtype)
+    config = gemm_tiles(num_tokens, k, num_experts, n_out, n_in, rows.dtype)
     grid = lambda META: (triton.cdiv(num_rows, META["BLOCK_M"]), triton.cdiv(n_out, META["BLOCK_N"]))  # noqa: E731
     _rows_to_assignments_kernel[grid](
         rows, weight, permutation.sorted_assignments, permutation.expert_offsets, permutation.tokens_per_expert, out,
@@ -465,7 +424,7 @@ def _expert_weight_grad(
     num_tokens, k = permutation.sorted_rows.shape
     num_experts = grad_weight.shape[0]
     n_row, n_tok = row_side.shape[1], token_side.shape[1]
-    config = tile_config(num_tokens, k, num_experts, n_row, n_tok, row_side.dtype)
+    config = gemm_tiles(num_tokens, k, num_experts, n_row, n_tok, row_side.dtype)
     scale = weights is not None
     weights_arg = weights if scale else permutation.sorted_rows
     grid = lambda META: (num_experts, triton.cdiv(n_row, META["BLOCK_N"]), triton.cdiv(n_tok, META["BLOCK_K"]))  # noqa: E731
@@ -539,7 +498,7 @@ def expert_down_combine_backward(
     grad_down_weight = torch.empty_like(down_weight, memory_format=torch.contiguous_format)
     if num_tokens == 0 or d_ff == 0 or d == 0:
         return grad_hidden, grad_down_weight.zero_(), torch.zeros_like(weights)
-    config = tile_config(num_tokens, k, num_experts, d_ff, d, hidden.dtype)
+    config = gemm_tiles(num_tokens, k, num_experts, d_ff, d, hidden.dtype)
     num_col_blocks = triton.cdiv(d_ff, config.block_n)
     # Zeros: dropped assignments have no row to write their partial sums, and their gradient is 0.
     partials = torch.zeros((num_col_blocks, num_tokens * k), dtype=_acc_dtype(hidden.dtype), device=hidden.device)

@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..pipeline import Permutation, num_sorted_rows
+from .tiles import permute_chunk
 
 
 @triton.jit
@@ -104,12 +105,6 @@ def _scatter_rows_kernel(
     tl.store(sorted_assignments_ptr + row.to(tl.int64) * stride_assignments_r, assignment, mask=in_stream & kept)
 
 
-def _chunk_size(num_assignments: int) -> int:
-    """Assignments per program: 128 (a CHUNK² comparison tile of 16K, no spills on sm_90), fewer for a short
-    stream. Not yet timed on a GPU."""
-    return min(128, triton.next_power_of_2(max(num_assignments, 1)))
-
-
 def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: int) -> Permutation:
     """The expert-sorted layout of ``moe_kernels.pipeline`` for expert ids [T, k] int32 in [0, E).
 
@@ -128,7 +123,7 @@ def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: in
         raise ValueError(f"capacity must be None or non-negative, got {capacity}")
     num_tokens, k = experts.shape
     num_assignments = num_tokens * k
-    chunk = _chunk_size(num_assignments)
+    chunk = permute_chunk(num_assignments)
     num_chunks = triton.cdiv(num_assignments, chunk)
     device = experts.device
 
