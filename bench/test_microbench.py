@@ -66,12 +66,12 @@ def _stage_inputs(config: BenchConfig, backend: str) -> dict:
     with torch.no_grad():
         routing = stages.route(logits, noise_logits, noise, layer.config.router)
         permutation = stages.permute(routing.experts, config.num_experts, capacity)
-        hidden = stages.expert_up(tokens, layer.experts.up_weight, permutation, config.activation)
+        hidden = stages.expert_up(tokens, layer.experts.up_weight, None, permutation, layer.config.activation)
     return {
         "route": (logits, noise_logits, noise, layer.config.router),
         "permute": (routing.experts, config.num_experts, capacity),
-        "expert_up": (tokens, layer.experts.up_weight, permutation, config.activation),
-        "expert_down_combine": (hidden, layer.experts.down_proj, permutation, routing.weights),
+        "expert_up": (tokens, layer.experts.up_weight, None, permutation, layer.config.activation),
+        "expert_down_combine": (hidden, layer.experts.down_proj, None, permutation, routing.weights),
     }
 
 
@@ -111,5 +111,7 @@ def test_launcher(benchmark, stage, config):
     if stage == "permute":
         block_m = importlib.import_module("moe_kernels.kernels.tiles").block_m_for(NUM_TOKENS, config.k, config.num_experts)
         arguments = (*arguments, block_m)
+    elif stage in ("expert_up", "expert_down_combine"):
+        arguments = tuple(argument for argument in arguments if argument is not None)  # the launchers take no bias
     with torch.no_grad():
         benchmark(_synchronized(lambda: launcher(*arguments)))

@@ -2,7 +2,8 @@
 
 Parameter names and shapes, so that Mixtral / Qwen-MoE state dicts load unchanged:
 - ``gate.weight`` [E, d] and, for router "noisy_topk" only, ``gate.noise_weight`` [E, d];
-- ``experts.gate_up_proj`` [E, 2·d_ff, d] (gated activations, gate rows first) or ``experts.up_proj``
+- ``experts.gate_up_proj`` [E, 2·d_ff, d] (gated activations; gate rows first, or alternating for an interleaved
+  activation such as "gpt_oss_swiglu") or ``experts.up_proj``
   [E, d_ff, d]; ``experts.down_proj`` [E, d, d_ff].
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import ACTIVATIONS, is_gated
+from .activations import Activation, resolve
 from .pipeline import LayerConfig, RouterConfig
 from .routing import ROUTERS, LossWeights
 
@@ -76,7 +77,7 @@ class MoEBase(nn.Module):
         num_experts: int,
         k: int = 2,
         router: str = "topk",
-        activation: str = "swiglu",
+        activation: str | Activation = "swiglu",
         renormalize: bool = True,
         capacity_factor: float | None = None,
         noise_epsilon: float = 1e-2,
@@ -98,8 +99,7 @@ class MoEBase(nn.Module):
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
         if router == "switch" and k != 1:
             raise ValueError(f"router 'switch' sends each token to one expert: k must be 1, got k={k}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        resolved_activation = resolve(activation)
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}")
         if not noise_epsilon >= 0:
@@ -111,13 +111,13 @@ class MoEBase(nn.Module):
         self.noise_epsilon = noise_epsilon
         self.loss_weights = LossWeights(importance_loss_weight, load_loss_weight, balance_loss_weight, z_loss_weight)
         self.gate = Router(d_model, num_experts, router == "noisy_topk", device, dtype)
-        self.experts = Experts(d_model, d_ff, num_experts, is_gated(activation), device, dtype)
+        self.experts = Experts(d_model, d_ff, num_experts, resolved_activation.gated, device, dtype)
         self.aux_loss: Tensor | None = None
 
     @property
     def config(self) -> LayerConfig:
         router = RouterConfig(self.router, self.k, self.renormalize, self.noise_epsilon)
-        return LayerConfig(self.num_experts, router, self.activation, self.capacity_factor, self.loss_weights)
+        return LayerConfig(self.num_experts, router, resolve(self.activation), self.capacity_factor, self.loss_weights)
 
     def constructor_arguments(self) -> dict:
         """The keyword arguments that rebuild this layer's configuration (without its parameters)."""

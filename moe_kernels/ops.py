@@ -10,7 +10,7 @@ graphs capture the forward (tests/test_cuda_graph.py, on the GPU):
   triton_gating_backward(5 grads?, logits, noise_logits?, noise?, experts, router, k, renormalize,
                          noise_epsilon) -> [grad_logits] or [grad_logits, grad_noise_logits]
   triton_permute(experts, num_experts, capacity?, block_m) -> 4 Tensors (a Permutation)
-  expert_up(x, up_weight, <permutation>, activation) -> hidden
+  expert_up(x, up_weight, <permutation>, activation) -> hidden      (activation: an Activation.spec string)
   expert_up_backward(grad_hidden, x, up_weight, <permutation>, activation) -> (grad_x, grad_up_weight)
   expert_down_combine(hidden, down_weight, <permutation>, weights) -> y
   expert_down_combine_backward(grad_y, hidden, down_weight, <permutation>, weights)
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .activations import is_gated
+from .activations import Activation, is_gated, resolve
 from .kernels import gating, grouped_gemm
 from .kernels.permute import permute as permute_launcher
 from .pipeline import Permutation, RouterConfig
@@ -251,9 +251,9 @@ def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: in
     return Permutation(*triton_permute(experts, num_experts, capacity, block_m))
 
 
-def expert_up(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
+def expert_up(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str | Activation) -> Tensor:
     """hidden [R, d_ff] = act(x[token(r)] · up_weight[e(r)]ᵀ); differentiable in x and up_weight."""
-    return expert_up_op(x, up_weight, *permutation, activation)
+    return expert_up_op(x, up_weight, *permutation, resolve(activation).spec)
 
 
 def expert_down_combine(hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:

@@ -2,10 +2,13 @@
 
 A backend is an object with the four stage methods of ``Backend``; each stage is differentiable (plain
 autograd for backend "torch", ``torch.library`` custom ops with autograd over kernels for the others).
-``moe_forward`` strings them together and is all the fast layer calls.
+``moe_forward`` strings them together and is all the fast layer calls; ``experts_forward`` is the same
+pipeline after routing ("experts given a routing"), the public functional entry point.
 
-The permutation layout, shared by every backend and every kernel:
-- Assignments are numbered token-major: assignment a = t·k + s is token t's s-th choice.
+The permutation layout ("rows grouped by expert"), shared by every backend and every kernel:
+- A routing gives each token S slots (S = k for top-k routers), each an expert id and a weight.
+  Assignments are numbered token-major: assignment a = t·S + s is token t's slot s. The text below says k
+  for S.
 - The expert-sorted order groups assignments by expert; within an expert it is slot-major (every token's
   first choice before any second choice) and token order within a slot. That is also the capacity
   priority: an expert keeps its first ``capacity`` assignments in this order and drops the rest.
@@ -23,6 +26,7 @@ from typing import NamedTuple, Protocol
 
 from torch import Tensor
 
+from .activations import Activation
 from .routing import LossWeights, Routing, router_loss
 
 
@@ -69,27 +73,30 @@ def expert_capacity(capacity_factor: float | None, num_tokens: int, k: int, num_
 class Backend(Protocol):
     """The four stages every backend implements. x is [T, d]; E experts; R sorted rows."""
 
-    name: str
-
     def route(self, logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
         """logits, noise_logits: [T, E] float32; noise: [T, E] float32 N(0,1) or None (no noise)."""
 
     def permute(self, experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
         """experts: [T, k] int32 → the Permutation (capacity=None: dropless)."""
 
-    def expert_up(self, x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
-        """act(x[token of row] · up_weight[e]ᵀ) for every sorted row: [R, d_ff] in x's dtype.
+    def expert_up(
+        self, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation
+    ) -> Tensor:
+        """act(x[token of row] · up_weight[e]ᵀ + up_bias[e]) for every sorted row: [R, d_ff] in x's dtype.
 
-        up_weight: [E, 2·d_ff, d] (gated activations, gate rows first) or [E, d_ff, d], in x's dtype.
-        Padding rows hold unspecified values.
+        up_weight: [E, 2·d_ff, d] (gated activations, gate/up rows as ``activation.interleaved`` says) or
+        [E, d_ff, d], any dtype and strides (computed in x's dtype); up_bias: [E, 2·d_ff] or [E, d_ff], or
+        None. Padding rows hold unspecified values.
         """
 
-    def expert_down_combine(self, hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
-        """y[t] = Σ_s weights[t, s]·(hidden[row(t, s)] · down_weight[e]ᵀ), dropped assignments adding zero.
+    def expert_down_combine(
+        self, hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, permutation: Permutation, weights: Tensor
+    ) -> Tensor:
+        """y[t] = Σ_s weights[t, s]·(hidden[row(t, s)] · down_weight[e]ᵀ + down_bias[e]), dropped slots adding 0.
 
-        hidden: [R, d_ff]; down_weight: [E, d, d_ff]; weights: [T, k] float32 (float64 for float64 hidden).
-        Returns [T, d] in hidden's dtype, accumulated in weights' dtype and summed over k in a fixed order
-        (deterministic).
+        hidden: [R, d_ff]; down_weight: [E, d, d_ff], any dtype and strides (computed in hidden's dtype);
+        down_bias: [E, d] or None; weights: [T, k] float32 (float64 for float64 hidden). Returns [T, d] in
+        hidden's dtype, accumulated in weights' dtype and summed over k in a fixed order (deterministic).
         """
 
 
@@ -99,7 +106,7 @@ class LayerConfig:
 
     num_experts: int
     router: RouterConfig
-    activation: str
+    activation: Activation
     capacity_factor: float | None
     loss_weights: LossWeights
 
@@ -119,7 +126,6 @@ def moe_forward(
     aux_loss = router_loss(routing, config.router.router, config.router.k, config.loss_weights)
     capacity = expert_capacity(config.capacity_factor, x.shape[0], config.router.k, config.num_experts)
     permutation = backend.permute(routing.experts, config.num_experts, capacity)
-    # The experts compute in x's dtype (a no-op cast when the parameters already have it).
-    hidden = backend.expert_up(x, up_weight.to(x.dtype), permutation, config.activation)
-    y = backend.expert_down_combine(hidden, down_weight.to(x.dtype), permutation, routing.weights)
+    hidden = backend.expert_up(x, up_weight, None, permutation, config.activation)
+    y = backend.expert_down_combine(hidden, down_weight, None, permutation, routing.weights)
     return y, aux_loss

@@ -18,8 +18,6 @@ from .triton import TritonBackend
 class CudaBackend(TritonBackend):
     """Backend "triton" with the native CUDA gating and permutation kernels."""
 
-    name = "cuda"
-
     def __init__(self):
         if not native.has_cuda_ops():
             raise ImportError(

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import native
 from .. import routing as routers
-from ..activations import activate
+from ..activations import Activation, activate
 from ..pipeline import Permutation, RouterConfig
 from ..routing import Routing
 
@@ -98,18 +98,32 @@ def _padded_grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutatio
     return out.index_put((row_index[valid],), products[valid])
 
 
-def expert_up(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
+def _row_experts(permutation: Permutation, num_rows: int) -> Tensor:
+    """[R] int64: the expert whose segment holds each sorted row (padding rows: the segment they pad)."""
+    num_experts = permutation.tokens_per_expert.shape[0]
+    rows = torch.arange(num_rows, device=permutation.expert_offsets.device)
+    return torch.searchsorted(permutation.expert_offsets[1:], rows, right=True).clamp(max=num_experts - 1)
+
+
+def expert_up(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation) -> Tensor:
     num_tokens, k = permutation.sorted_rows.shape
     assignments = permutation.sorted_assignments
     # Unused rows read an appended zero token, so nothing of a real token leaks into them.
     tokens = torch.where(assignments >= 0, assignments // k, num_tokens)
     x_and_zero_row = torch.cat([x, x.new_zeros(1, x.shape[1])])
-    pre_activation = grouped_matmul(x_and_zero_row[tokens], up_weight, permutation)
+    # The experts compute in x's dtype (a no-op when the parameters already have it).
+    pre_activation = grouped_matmul(x_and_zero_row[tokens], up_weight.to(x.dtype), permutation)
+    if up_bias is not None:
+        pre_activation = pre_activation + up_bias.to(x.dtype)[_row_experts(permutation, assignments.shape[0])]
     return activate(pre_activation, activation)
 
 
-def expert_down_combine(hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
-    expert_outputs = grouped_matmul(hidden, down_weight, permutation)
+def expert_down_combine(
+    hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, permutation: Permutation, weights: Tensor
+) -> Tensor:
+    expert_outputs = grouped_matmul(hidden, down_weight.to(hidden.dtype), permutation)
+    if down_bias is not None:
+        expert_outputs = expert_outputs + down_bias.to(hidden.dtype)[_row_experts(permutation, hidden.shape[0])]
     kept = permutation.sorted_rows >= 0
     per_assignment = expert_outputs[permutation.sorted_rows.clamp(min=0).long()].to(weights.dtype)
     # where, not a multiply by zero: a dropped slot must not pick up a non-finite row of another token.
@@ -137,7 +151,6 @@ class TorchBackend:
     The module-level route() and permute() stay pure PyTorch: they are the reference the kernels are tested on.
     """
 
-    name = "torch"
     route = staticmethod(_route_native_on_cpu)
     permute = staticmethod(_permute_native_on_cpu)
     expert_up = staticmethod(expert_up)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import ops
+from ..activations import Activation
 from ..kernels.tiles import block_m_for
 from ..pipeline import Permutation, RouterConfig
 from ..routing import Routing
@@ -12,8 +13,6 @@ from ..routing import Routing
 
 class TritonBackend:
     """The pipeline Backend of the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
-
-    name = "triton"
 
     def route(self, logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
         return ops.route(logits, noise_logits, noise, config)
@@ -23,8 +22,19 @@ class TritonBackend:
         num_tokens, k = experts.shape
         return ops.permute(experts, num_experts, capacity, block_m_for(num_tokens, k, num_experts))
 
-    def expert_up(self, x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
+    def expert_up(
+        self, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation
+    ) -> Tensor:
+        _refuse_bias(up_bias, "up_bias")
         return ops.expert_up(x, up_weight, permutation, activation)
 
-    def expert_down_combine(self, hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
+    def expert_down_combine(
+        self, hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, permutation: Permutation, weights: Tensor
+    ) -> Tensor:
+        _refuse_bias(down_bias, "down_bias")
         return ops.expert_down_combine(hidden, down_weight, permutation, weights)
+
+
+def _refuse_bias(bias: Tensor | None, name: str) -> None:
+    if bias is not None:
+        raise NotImplementedError(f"backend 'triton' does not take {name} yet (issue 12/13: expert biases); use backend 'torch'")

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..activations import ACTIVATIONS, is_gated
+from ..activations import Activation, resolve
 from ..pipeline import Permutation
 from .combine import combine
 from .tiles import gemm_tiles
@@ -99,8 +99,8 @@ def _tile_matmul(
 
 
 @triton.jit
-def _activation_and_slope(z, FUNCTION: tl.constexpr):
-    """f(z) and f'(z) for FUNCTION "relu", "gelu" (exact, erf) or "silu"."""
+def _activation_and_slope(z, FUNCTION: tl.constexpr, ALPHA: tl.constexpr):
+    """f(z) and f'(z) for FUNCTION "relu", "gelu" (exact, erf) or "silu" (z·σ(ALPHA·z))."""
     if FUNCTION == "relu":
         value = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
         slope = (z > 0).to(z.dtype)
@@ -109,21 +109,21 @@ def _activation_and_slope(z, FUNCTION: tl.constexpr):
         value = z * cdf
         slope = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     else:
-        sigmoid = tl.sigmoid(z)
+        sigmoid = tl.sigmoid(ALPHA * z)
         value = z * sigmoid
-        slope = sigmoid * (1.0 + z * (1.0 - sigmoid))
+        slope = sigmoid * (1.0 + ALPHA * z * (1.0 - sigmoid))
     return value, slope
 
 
 @triton.jit
 def _expert_up_kernel(
     x_ptr,  # (T, d)
-    up_weight_ptr,  # (E, N, d), N = 2·d_ff for gated activations (gate rows first), else d_ff
+    up_weight_ptr,  # (E, N, d), N = 2·d_ff for gated activations (gate/up rows as INTERLEAVED says), else d_ff
     sorted_assignments_ptr,  # (R,) int32, -1 for padding
     expert_offsets_ptr,  # (E + 1,) int32
     tokens_per_expert_ptr,  # (E,) int32
     grad_hidden_ptr,  # (R, d_ff), read only when BACKWARD
-    out_ptr,  # forward: (R, d_ff) hidden; BACKWARD: (R, N) d(pre-activation)
+    out_ptr,  # forward: (R, d_ff) hidden; BACKWARD: (R, N) d(pre-activation), columns in up_weight's row order
     num_rows,
     d,
     d_ff,
@@ -138,8 +138,13 @@ def _expert_up_kernel(
     stride_gn,
     stride_om,
     stride_on,
-    FUNCTION: tl.constexpr,  # the elementwise part of the activation: "relu", "gelu" or "silu"
-    GATED: tl.constexpr,  # swiglu / geglu: FUNCTION(gate)·up
+    FUNCTION: tl.constexpr,  # the fields of the activations.Activation: "relu", "gelu" or "silu"
+    ALPHA: tl.constexpr,  # silu: z·σ(ALPHA·z)
+    GATED: tl.constexpr,  # FUNCTION(gate)·(up + UP_OFFSET)
+    HAS_LIMIT: tl.constexpr,  # gate clamped above at LIMIT, up to [−LIMIT, LIMIT]
+    LIMIT: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
+    INTERLEAVED: tl.constexpr,  # gate and up columns alternate (else the gate half comes first)
     BACKWARD: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -152,28 +157,44 @@ def _expert_up_kernel(
         sorted_assignments_ptr, expert_offsets_ptr, num_rows, d_ff, num_experts, BLOCK_M, BLOCK_N, BLOCK_E
     )
     x_rows = (tl.maximum(assignments, 0) // k) * stride_xt
+    # Where column j of the gate and of the up half live, in up_weight's rows and in d(pre-activation).
+    col_step = 2 if INTERLEAVED else 1
+    up_shift = 1 if INTERLEAVED else d_ff
     for expert in range(first, last + 1):
         row_mask = _kept_rows(expert_offsets_ptr, tokens_per_expert_ptr, expert, rows)
         gate, up = _tile_matmul(
             x_ptr, x_rows, row_mask, stride_xd,
-            up_weight_ptr + expert * stride_we, stride_wd, stride_wn, d_ff * stride_wn,
+            up_weight_ptr + expert * stride_we, stride_wd, col_step * stride_wn, up_shift * stride_wn,
             cols, col_mask, d,
             GATED, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )
-        value, slope = _activation_and_slope(gate, FUNCTION)
+        gate_in = gate
+        if HAS_LIMIT:
+            gate_in = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
+            up_in = tl.minimum(tl.maximum(up, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            up_in = up
+        value, slope = _activation_and_slope(gate_in, FUNCTION, ALPHA)
+        up_term = up_in + UP_OFFSET
         mask = row_mask[:, None] & col_mask[None, :]
-        out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
         if BACKWARD:
             grad = tl.load(grad_hidden_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
             grad = grad.to(ACC_DTYPE)
+            out = out_ptr + rows[:, None] * stride_om + (cols * col_step)[None, :] * stride_on
             if GATED:
-                tl.store(out, (grad * up * slope).to(out_ptr.dtype.element_ty), mask=mask)
-                tl.store(out + d_ff * stride_on, (grad * value).to(out_ptr.dtype.element_ty), mask=mask)
+                grad_gate = grad * up_term * slope
+                grad_up = grad * value
+                if HAS_LIMIT:  # the clamps pass the gradient where they are the identity (torch.clamp's rule)
+                    grad_gate = tl.where(gate <= LIMIT, grad_gate, 0.0)
+                    grad_up = tl.where((up >= -LIMIT) & (up <= LIMIT), grad_up, 0.0)
+                tl.store(out, grad_gate.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(out + up_shift * stride_on, grad_up.to(out_ptr.dtype.element_ty), mask=mask)
             else:
                 tl.store(out, (grad * slope).to(out_ptr.dtype.element_ty), mask=mask)
         else:
             if GATED:
-                value = value * up
+                value = value * up_term
+            out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
             tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -349,7 +370,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-_ELEMENTWISE = {"swiglu": "silu", "geglu": "gelu", "relu": "relu", "gelu": "gelu", "silu": "silu"}
 
 
 def _check_experts(weight: Tensor, permutation: Permutation, name: str) -> None:
@@ -358,14 +378,14 @@ def _check_experts(weight: Tensor, permutation: Permutation, name: str) -> None:
 
 
 def _up_launch(
-    x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str, grad_hidden: Tensor | None, out: Tensor
+    x: Tensor, up_weight: Tensor, permutation: Permutation, activation: Activation, grad_hidden: Tensor | None, out: Tensor
 ) -> None:
     """Runs _expert_up_kernel: forward (grad_hidden None) into hidden, or backward into d(pre-activation)."""
     num_tokens, d = x.shape
     num_experts, n_up, _ = up_weight.shape
     k = permutation.sorted_rows.shape[1]
     num_rows = permutation.sorted_assignments.shape[0]
-    d_ff = n_up // 2 if is_gated(activation) else n_up
+    d_ff = n_up // 2 if activation.gated else n_up
     config = gemm_tiles(num_tokens, k, num_experts, d_ff, d, x.dtype)
     backward = grad_hidden is not None
     grad = grad_hidden if backward else out
@@ -378,7 +398,9 @@ def _up_launch(
         up_weight.stride(0), up_weight.stride(1), up_weight.stride(2),
         grad.stride(0), grad.stride(1),
         out.stride(0), out.stride(1),
-        FUNCTION=_ELEMENTWISE[activation], GATED=is_gated(activation), BACKWARD=backward,
+        FUNCTION=activation.function, ALPHA=float(activation.alpha), GATED=activation.gated,
+        HAS_LIMIT=activation.limit is not None, LIMIT=float(activation.limit or 0.0),
+        UP_OFFSET=float(activation.up_offset), INTERLEAVED=activation.interleaved, BACKWARD=backward,
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(x.dtype)], INPUT_PRECISION=_INPUT_PRECISION,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts),
@@ -443,21 +465,20 @@ def _expert_weight_grad(
     )
 
 
-def expert_up_forward(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str) -> Tensor:
+def expert_up_forward(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str | Activation) -> Tensor:
     """GEMM 1: hidden[r] = act(x[token(r)] · up_weight[e(r)]ᵀ) for every kept sorted row r.
 
     x: [T, d] float16/bfloat16/float32/float64, any strides. up_weight: [E, 2·d_ff, d] for gated activations
-    (gate rows first) or [E, d_ff, d], any strides, cast to x's dtype as it is loaded. permutation: any
+    (gate and up rows laid out as ``activation.interleaved`` says) or [E, d_ff, d], any strides, cast to x's dtype as it is loaded. permutation: any
     block_m. Returns hidden [R, d_ff] in x's dtype, accumulated in float32; padding rows are not written.
     The gated pre-activation [R, 2·d_ff] never reaches memory.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    activation = resolve(activation)
     _check_experts(up_weight, permutation, "up_weight")
     n_up = up_weight.shape[1]
-    if up_weight.shape[2] != x.shape[1] or (is_gated(activation) and n_up % 2):
+    if up_weight.shape[2] != x.shape[1] or (activation.gated and n_up % 2):
         raise ValueError(f"up_weight of shape {tuple(up_weight.shape)} does not fit x of width {x.shape[1]} and {activation!r}")
-    d_ff = n_up // 2 if is_gated(activation) else n_up
+    d_ff = n_up // 2 if activation.gated else n_up
     hidden = torch.empty((permutation.sorted_assignments.shape[0], d_ff), dtype=x.dtype, device=x.device)
     if x.shape[0] == 0 or d_ff == 0:
         return hidden
@@ -525,7 +546,7 @@ def expert_down_combine_backward(
 
 
 def expert_up_backward(
-    grad_hidden: Tensor, x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str
+    grad_hidden: Tensor, x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str | Activation
 ) -> tuple[Tensor, Tensor]:
     """Gradients of expert_up_forward for grad_hidden [R, d_ff] (padding rows never read).
 
@@ -540,7 +561,7 @@ def expert_up_backward(
     if num_tokens == 0 or grad_hidden.shape[1] == 0:
         return torch.zeros_like(x, memory_format=torch.contiguous_format), grad_up_weight.zero_()
     grad_pre = torch.empty((num_rows, up_weight.shape[1]), dtype=x.dtype, device=x.device)
-    _up_launch(x, up_weight, permutation, activation, grad_hidden, grad_pre)
+    _up_launch(x, up_weight, permutation, resolve(activation), grad_hidden, grad_pre)
     _expert_weight_grad(grad_pre, x, None, permutation, grad_up_weight)
     per_assignment = _rows_to_assignments(grad_pre, up_weight, permutation)
     return combine(per_assignment, permutation.sorted_rows), grad_up_weight
