@@ -2,9 +2,8 @@
 
     pip install --no-build-isolation --no-deps -e .     # against the torch already installed
 
-The C++ (CPU) ops are always built. The CUDA ops are added when this torch was built with CUDA and nvcc is
-found (CUDA_HOME or PATH); MOE_KERNELS_CUDA_ARCHS="80;90a" (the default) picks the -gencode targets.
-MAX_JOBS=2 bounds ninja's parallelism on small machines. The package imports and runs without _C.
+The C++ (CPU) ops are built; the GPU path is Triton (no CUDA sources). MAX_JOBS=2 bounds ninja's
+parallelism on small machines. The package imports and runs without _C.
 torch is deliberately not in install_requires: pip must never replace the torch this is built against.
 """
 import glob
@@ -19,28 +18,12 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
-def _gencode_flags() -> list[str]:
-    archs = os.environ.get("MOE_KERNELS_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
-    return [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in (a.strip() for a in archs) if arch]
-
-
 def _extensions():
-    import torch
     from torch.utils import cpp_extension
 
     cxx_flags = ["-O3"]  # the -std that torch requires comes from cpp_extension
     sources = ["csrc/ops.cpp", *_sources("csrc/cpu/*.cpp")]
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if not with_cuda:
-        return [cpp_extension.CppExtension("moe_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
-    return [
-        cpp_extension.CUDAExtension(
-            "moe_kernels._C",
-            sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
-            define_macros=[("MOE_KERNELS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", *_gencode_flags()]},
-        )
-    ]
+    return [cpp_extension.CppExtension("moe_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
 
 
 def _cmdclass():

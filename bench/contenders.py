@@ -1,7 +1,7 @@
 """What the benchmark races: every contender is a forward over the reference layer's very Parameters.
 
 - ``loop``: ``moe_kernels.reference.MoE``, the naive loop over experts (the baseline of every speedup).
-- ``ours:torch`` / ``ours:triton`` / ``ours:cuda``: ``moe_kernels.MoE.from_reference(layer, backend)``.
+- ``ours:torch`` / ``ours:triton``: ``moe_kernels.MoE.from_reference(layer, backend)``.
 - ``hf:grouped_mm`` / ``hf:batched_mm``: Hugging Face transformers' experts functions
   (``transformers.integrations.moe``), fed our routing, our activation through ``_apply_gate``. Dropless
   layers only.
@@ -75,7 +75,7 @@ def _ours(backend: str):
     def prepare(layer, config, num_tokens) -> Prepared:
         device = layer.gate.weight.device
         try:
-            resolve(backend, device)
+            resolve(backend, device, layer.gate.weight.dtype)
         except ImportError as error:
             raise Unavailable("missing", f"{type(error).__name__}: {error}") from None
         except ValueError as error:  # installed, but not for this device

@@ -12,8 +12,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from moe_kernels import reference, routing
-from moe_kernels.backends import pytorch as torch_backend
+from moe_kernels import reference, routers
 
 from .configs import BenchConfig
 
@@ -57,10 +56,9 @@ def rotate(buffers: list[Tensor]) -> Iterator[Tensor]:
     return itertools.cycle(buffers)
 
 
-def route(layer, tokens: Tensor) -> routing.Routing:
-    """The layer's own routing of ``tokens`` [T, d]: its router inputs through the shared router functions."""
-    logits, noise_logits, noise = layer._router_inputs(tokens)
-    return torch_backend.route(logits, noise_logits, noise, layer.config.router)
+def route(layer, tokens: Tensor) -> routers.Routing:
+    """The layer's own routing of ``tokens`` [T, d]: its router's PyTorch definition."""
+    return layer.gate(tokens)
 
 
 def routing_statistics(layer, tokens: Tensor) -> dict:

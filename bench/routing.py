@@ -1,12 +1,13 @@
-"""The routing stages alone (gating + permutation), backend against backend: issue 5's table.
+"""The routing stages alone (softmax top-k selection + permutation), contender against contender.
 
     python3 -m bench.routing [--device cpu|cuda] [--out DIR]
 
 For T in 1, 64, 4096, 65536 and (E, k) in (8, 2), (128, 8), (256, 8): the median ms [p20–p80] of
-route + permute for backend "torch" (pure PyTorch: routing.py's routers and one sort), the native ops of
-moe_kernels._C ("native": CPU or CUDA by device), and on CUDA the Triton kernels. Inference routing
-(no gradient), top-k softmax with renormalisation, permutation padded to the Triton GEMM tile.
-A contender that cannot run here is listed as missing, with the reason.
+select + permute for "torch" (the router's PyTorch definition, routers.softmax_topk, and backend "torch"'s
+sort-based permutation), "native" (the same selection, the C++ permutation of moe_kernels._C, CPU only), and
+on CUDA "triton" (the fused softmax top-k kernel and the Triton permutation). Inference routing (no gradient),
+renormalised, permutation padded to the Triton GEMM tile. A contender that cannot run here is listed as
+missing, with the reason.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from moe_kernels import native
 from moe_kernels.backends import pytorch as torch_backend
-from moe_kernels.pipeline import RouterConfig
+from moe_kernels.routers.softmax_topk import softmax_top_k
 
 from .report import environment
 from .timing import time_call
@@ -28,23 +29,23 @@ SHAPES = ((8, 2), (128, 8), (256, 8))
 
 
 def _contenders(device: torch.device) -> dict:
-    """name → (route, permute) callables, or the reason the contender is missing."""
+    """name → (select, permute) callables, or the reason the contender is missing."""
     # backend "torch" permutes without padding (its GEMM is torch._grouped_mm): block_m does not apply.
-    contenders = {"torch": (torch_backend.route, lambda e, n, c, block_m: torch_backend.permute(e, n, c))}
-    if native.has_cpu_ops() and (device.type == "cpu" or native.has_cuda_ops()):
-        contenders["native"] = (native.route, native.permute)
+    contenders = {"torch": (softmax_top_k, lambda e, n, c, block_m: torch_backend.permute(e, n, c))}
+    if native.has_cpu_ops() and device.type == "cpu":
+        contenders["native"] = (softmax_top_k, native.permute)
     else:
-        contenders["native"] = f"moe_kernels._C not built{' with CUDA' if device.type == 'cuda' else ''}"
+        contenders["native"] = "moe_kernels._C not built" if device.type == "cpu" else "a CPU op"
     if device.type != "cuda":
         contenders["triton"] = "needs CUDA (the interpreter is no speed path)"
         return contenders
     try:
-        from moe_kernels.kernels.gating import gating_forward
+        from moe_kernels.kernels.gating import softmax_top_k_forward
         from moe_kernels.kernels.permute import permute as triton_permute
     except ImportError as error:
         contenders["triton"] = f"{type(error).__name__}: {error}"
     else:
-        contenders["triton"] = (gating_forward, triton_permute)
+        contenders["triton"] = (softmax_top_k_forward, triton_permute)
     return contenders
 
 
@@ -56,17 +57,16 @@ def measure(device: torch.device) -> list[dict]:
         if isinstance(contender, str):
             rows.append({"contender": name, "status": "missing", "reason": contender})
             continue
-        route, permute = contender
+        select, permute = contender
         for num_experts, k in SHAPES:
             for num_tokens in TOKENS:
                 row = {"contender": name, "E": num_experts, "k": k, "T": num_tokens}
-                config = RouterConfig("topk", k, renormalize=True)
                 logits = torch.randn(num_tokens, num_experts, device=device)
                 block_m = block_m_for(num_tokens, k, num_experts)
 
                 def call():
-                    routing = route(logits, None, None, config)
-                    return permute(routing.experts, num_experts, None, block_m)
+                    _, experts = select(logits, k, True)
+                    return permute(experts, num_experts, None, block_m)
 
                 with torch.no_grad():
                     timing = time_call(call, device)

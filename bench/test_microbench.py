@@ -1,12 +1,12 @@
-"""Per-stage microbenchmarks (pytest-benchmark): route, permute, expert_up, expert_down_combine.
+"""Per-stage microbenchmarks (pytest-benchmark): route (the layer's router), permute, expert_up, expert_down_combine.
 
     python3 -m pytest bench/test_microbench.py --benchmark-columns=median,iqr,min,rounds [-k permute]
 
 Not part of the CI test suite (that is tests/). Two families, each stage timed alone on inputs made by the
 same backend's earlier stages:
 - ``test_stage``: the stages of every backend through the pipeline seam (``moe_kernels.backends``):
-  "torch" on any device, "triton" / "cuda" on CUDA only; a backend that does not import is skipped
-  with its ImportError.
+  "torch" on any device, "triton" on CUDA only (its router runs its fused kernel); a backend that does
+  not import is skipped with its ImportError.
 - ``test_launcher``: the Triton launchers of ``moe_kernels/kernels/`` called directly (CUDA only),
   skipped with the reason when a kernel module or launcher is not there.
 Shapes: the issue-2 CPU layers at T=256 on the CPU, Mixtral-8x7B and Qwen3-30B-A3B at T=4096 on CUDA
@@ -20,6 +20,7 @@ import importlib
 import pytest
 import torch
 
+from moe_kernels.activations import resolve as resolve_activation
 from moe_kernels.backends import BACKENDS, resolve
 from moe_kernels.pipeline import expert_capacity
 
@@ -33,7 +34,7 @@ CONFIGS = GPU_CONFIGS[:2] if DEVICE.type == "cuda" else CPU_CONFIGS[:3]
 STAGES = ("route", "permute", "expert_up", "expert_down_combine")
 # (kernel module in moe_kernels/kernels, launcher) per stage, as the Triton branches name them.
 LAUNCHERS = {
-    "route": ("gating", "gating_forward"),
+    "route": ("gating", "softmax_top_k_forward"),
     "permute": ("permute", "permute"),
     "expert_up": ("grouped_gemm", "expert_up_forward"),
     "expert_down_combine": ("grouped_gemm", "expert_down_combine_forward"),
@@ -58,21 +59,27 @@ def _synchronized(fn):
 @functools.lru_cache(maxsize=None)  # one layer per (config, backend) serves its four stages
 def _stage_inputs(config: BenchConfig, backend: str) -> dict:
     """Each stage's arguments, made by the earlier stages of ``backend``."""
-    stages = resolve(backend, DEVICE)
+    stages = resolve(backend, DEVICE, DTYPE)
     layer = build_reference(config, "uniform", DEVICE, DTYPE)
     tokens = make_tokens(config, "uniform", NUM_TOKENS, DEVICE, DTYPE)[0]
-    logits, noise_logits, noise = layer._router_inputs(tokens)
     capacity = expert_capacity(config.capacity_factor, NUM_TOKENS, config.k, config.num_experts)
+    activation = resolve_activation(config.activation)
     with torch.no_grad():
-        routing = stages.route(logits, noise_logits, noise, layer.config.router)
+        routing = layer.gate(tokens, use_kernel=stages.fused_routing)
         permutation = stages.permute(routing.experts, config.num_experts, capacity)
-        hidden = stages.expert_up(tokens, layer.experts.up_weight, None, permutation, layer.config.activation)
+        hidden = stages.expert_up(tokens, layer.experts.up_weight, None, permutation, activation)
     return {
-        "route": (logits, noise_logits, noise, layer.config.router),
+        "route": (tokens, stages.fused_routing),
         "permute": (routing.experts, config.num_experts, capacity),
-        "expert_up": (tokens, layer.experts.up_weight, None, permutation, layer.config.activation),
+        "expert_up": (tokens, layer.experts.up_weight, None, permutation, activation),
         "expert_down_combine": (hidden, layer.experts.down_proj, None, permutation, routing.weights),
     }
+
+
+def _router(config: BenchConfig, backend: str):
+    """The router of the layer the stage inputs come from, called as the layer calls it."""
+    gate = build_reference(config, "uniform", DEVICE, DTYPE).gate
+    return lambda tokens, use_kernel: gate(tokens, use_kernel=use_kernel)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
@@ -80,13 +87,13 @@ def _stage_inputs(config: BenchConfig, backend: str) -> dict:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stage(benchmark, backend, stage, config):
     try:
-        stages = resolve(backend, DEVICE)
+        stages = resolve(backend, DEVICE, DTYPE)
     except ImportError as error:
         pytest.skip(f"backend {backend!r} not installed: {error}")
     except ValueError as error:  # installed, but not for this device
         pytest.skip(str(error))
     arguments = _stage_inputs(config, backend)[stage]
-    function = getattr(stages, stage)
+    function = _router(config, backend) if stage == "route" else getattr(stages, stage)
     with torch.no_grad():
         benchmark(_synchronized(lambda: function(*arguments)))
 
@@ -108,7 +115,14 @@ def test_launcher(benchmark, stage, config):
         arguments = _stage_inputs(config, "triton")[stage]  # its earlier stages make the kernels' layout
     except ImportError as error:
         pytest.skip(f"backend 'triton' not installed, needed for the kernels' input layout: {error}")
-    if stage == "permute":
+    if stage == "route":
+        if config.router not in ("topk", "switch"):
+            pytest.skip(f"router {config.router!r} has no fused kernel")
+        gate = build_reference(config, "uniform", DEVICE, DTYPE).gate
+        with torch.no_grad():
+            logits = gate(make_tokens(config, "uniform", NUM_TOKENS, DEVICE, DTYPE)[0]).logits
+        arguments = (logits, config.k, gate.renormalize)
+    elif stage == "permute":
         block_m = importlib.import_module("moe_kernels.kernels.tiles").block_m_for(NUM_TOKENS, config.k, config.num_experts)
         arguments = (*arguments, block_m)
     elif stage in ("expert_up", "expert_down_combine"):

@@ -4,10 +4,10 @@
 ``moe_kernels.reference.MoE``, ``moe_kernels.experts_forward`` runs the experts for a routing made elsewhere,
 ``moe_kernels.available_backends()`` lists what this installation can run.
 """
-from . import reference, routing
+from . import reference, routers
 from .activations import Activation
 from .backends import available as available_backends
 from .functional import experts_forward
 from .layer import MoE, swap
 
-__all__ = ["Activation", "MoE", "available_backends", "experts_forward", "reference", "routing", "swap"]
+__all__ = ["Activation", "MoE", "available_backends", "experts_forward", "reference", "routers", "swap"]

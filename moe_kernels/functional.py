@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import checks, pipeline
 from .activations import Activation, resolve
 from .backends import resolve as resolve_backend
 
@@ -28,7 +29,7 @@ def experts_forward(
 ) -> Tensor:
     """y[t] = Σ_s weights[t, s]·expert_{experts[t, s]}(x[t]), differentiable in x, weights and every parameter.
 
-    x: [T, d] float16/bfloat16/float32/float64. weights: [T, S] floats (computed in float32, float64 for
+    x: [T, d] float16/bfloat16/float32 (and float64 on backend "torch"). weights: [T, S] floats (computed in float32, float64 for
     float64 x). experts: [T, S] integers in [0, E) (checked on the CPU; never read out of bounds elsewhere). up_weight:
     [E, 2·d_ff, d] for gated activations (gate/up rows as ``activation.interleaved`` says), else
     [E, d_ff, d]; down_weight: [E, d, d_ff]; any dtype and strides (the experts compute in x's dtype).
@@ -38,17 +39,18 @@ def experts_forward(
     """
     activation = resolve(activation)
     _check(x, weights, experts, up_weight, down_weight, activation, up_bias, down_bias, capacity)
-    stages = resolve_backend(backend, x.device)
+    stages = resolve_backend(backend, x.device, x.dtype)
     router_dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 x
     permutation = stages.permute(experts.to(torch.int32), up_weight.shape[0], capacity)
-    hidden = stages.expert_up(x, up_weight, up_bias, permutation, activation)
-    return stages.expert_down_combine(hidden, down_weight, down_bias, permutation, weights.to(router_dtype))
+    return pipeline.run_experts(
+        stages, x, permutation, weights.to(router_dtype), up_weight, up_bias, down_weight, down_bias, activation
+    )
 
 
 def _check(x, weights, experts, up_weight, down_weight, activation, up_bias, down_bias, capacity) -> None:
     """Every argument of experts_forward against the others; errors name the argument and its value."""
-    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a [T, d] floating-point tensor, got {_describe(x)}")
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in checks.FLOAT_DTYPES:
+        raise ValueError(f"x must be a [T, d] tensor of one of the dtypes {checks.FLOAT_DTYPES}, got {_describe(x)}")
     num_tokens, d = x.shape
     if not isinstance(experts, Tensor) or experts.dim() != 2 or experts.shape[0] != num_tokens or experts.is_floating_point():
         raise ValueError(f"experts must be a [T={num_tokens}, S] integer tensor, got {_describe(experts)}")

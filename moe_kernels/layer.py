@@ -3,17 +3,21 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from . import pipeline
+from .activations import resolve as resolve_activation
 from .backends import BACKENDS, resolve
 from .modules import MoEBase
-from .pipeline import moe_forward
+from .pipeline import Backend
 from .reference import MoE as ReferenceMoE
+from .routers.base import Routing
 
 
 class MoE(MoEBase):
     """Drop-in fast replacement of ``moe_kernels.reference.MoE``.
 
-    Same constructor (arguments in ``MoEBase``, modules.py) plus ``backend``: "auto" (Triton on CUDA,
-    "torch" elsewhere), "torch", "triton" or "cuda". Same parameters, state dict, outputs and ``aux_loss``.
+    Same constructor (arguments in ``MoEBase``, modules.py) plus ``backend``: "auto" (Triton on CUDA for the
+    dtypes it takes, "torch" elsewhere), "torch" or "triton". Same parameters, state dict, outputs and
+    ``aux_loss``.
     """
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
@@ -24,23 +28,31 @@ class MoE(MoEBase):
 
     @classmethod
     def from_reference(cls, reference: ReferenceMoE, backend: str = "auto") -> "MoE":
-        """A fast layer that shares the reference's very Parameter objects (no copy)."""
+        """A fast layer that shares the reference's very Parameter objects and buffers (no copy)."""
         fast = cls(**reference.constructor_arguments(), backend=backend, device="meta")
-        fast.gate = reference.gate
-        fast.experts = reference.experts
+        for name, child in reference.named_children():
+            setattr(fast, name, child)
         fast.train(reference.training)
         return fast
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        tokens = x.reshape(-1, self.d_model)
-        logits, noise_logits, noise = self._router_inputs(tokens)
-        backend = resolve(self.backend, x.device)
-        y, self.aux_loss = moe_forward(
-            backend, self.config, tokens, logits, noise_logits, noise,
-            self.experts.up_weight, self.experts.down_proj,
-        )
-        return y.view(x.shape)
+    def _backend(self, x: Tensor) -> Backend:
+        return resolve(self.backend, x.device, x.dtype)
+
+    def _experts_output(self, tokens: Tensor, routing: Routing, sequence_length: int, backend: Backend) -> Tensor:
+        num_tokens, slots = routing.experts.shape
+        if routing.expert_tokens is not None:
+            block_m = backend.block_m(num_tokens, slots, self.num_experts)
+            permutation = pipeline.expert_choice_permutation(routing.expert_tokens, num_tokens, block_m)
+        else:
+            kept = None
+            if self.expert_capacity is not None:
+                kept = pipeline.sequence_kept(routing.experts, sequence_length, self.expert_capacity)
+            capacity = pipeline.expert_capacity(self.capacity_ratio, num_tokens, slots, self.num_experts)
+            permutation = pipeline.permute(backend, routing.experts, self.num_experts, capacity, kept)
+        return pipeline.run_experts(
+            backend, tokens, permutation, routing.weights, self.experts.up_weight, self.experts.up_bias,
+            self.experts.down_weight, self.experts.down_bias, resolve_activation(self.activation),
+        )  # fmt: skip
 
 
 def swap(module: nn.Module, backend: str = "auto") -> nn.Module:

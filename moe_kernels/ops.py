@@ -5,25 +5,23 @@ differentiable, an autograd formula whose backward is itself a custom op, so tor
 traces the layer forward and backward without looking inside a launcher (tests/test_ops.py), and CUDA
 graphs capture the forward (tests/test_cuda_graph.py, on the GPU):
 
-  triton_gating(logits, noise_logits?, noise?, router, k, renormalize, noise_epsilon) -> 6 Tensors (a Routing)
-  native_gating(same)                           the C++ ``moe_kernels::gating`` forward (backend "cuda")
-  triton_gating_backward(5 grads?, logits, noise_logits?, noise?, experts, router, k, renormalize,
-                         noise_epsilon) -> [grad_logits] or [grad_logits, grad_noise_logits]
+  triton_softmax_topk(logits, k, renormalize) -> (weights, experts)    routers "topk" and "switch"
+  triton_softmax_topk_backward(grad_weights, logits, experts, renormalize) -> grad_logits
   triton_permute(experts, num_experts, capacity?, block_m) -> 4 Tensors (a Permutation)
-  expert_up(x, up_weight, <permutation>, activation) -> hidden      (activation: an Activation.spec string)
-  expert_up_backward(grad_hidden, x, up_weight, <permutation>, activation) -> (grad_x, grad_up_weight)
-  expert_down_combine(hidden, down_weight, <permutation>, weights) -> y
-  expert_down_combine_backward(grad_y, hidden, down_weight, <permutation>, weights)
+  triton_expert_up(x, up_weight, <permutation>, activation) -> hidden      (activation: an Activation.spec string)
+  triton_expert_up_backward(grad_hidden, x, up_weight, <permutation>, activation) -> (grad_x, grad_up_weight)
+  triton_expert_down_combine(hidden, down_weight, <permutation>, weights) -> y
+  triton_expert_down_combine_backward(grad_y, hidden, down_weight, <permutation>, weights)
       -> (grad_hidden, grad_down_weight, grad_weights)
 
-Schemas take tensors and scalars only: <permutation> is the four tensors of a ``Permutation`` and a
-``RouterConfig`` travels as router, k, renormalize, noise_epsilon; the helpers at the bottom (``route``,
+Names: ``moe_kernels::triton_<stage>`` for the Triton ops here, ``triton_<stage>_backward`` for their
+backward; the C++ ops of csrc/ are ``moe_kernels::<stage>``. Schemas take tensors and scalars only:
+<permutation> is the four tensors of a ``Permutation``; the helpers at the bottom (``softmax_topk``,
 ``permute``, ``expert_up``, ``expert_down_combine``) take and return the pipeline's types.
 
 Saved for backward, per token (k assignments, R ≈ T·k rows plus padding):
-- triton_gating and native_gating keep the router logits (and, for noisy top-k in training, the noise
-  logits and the noise), alive anyway, and the int32 expert ids (4·k bytes); triton_gating_backward
-  recomputes the softmax and gates.
+- triton_softmax_topk keeps the router logits, alive anyway, and the int32 expert ids (4·k bytes); its
+  backward recomputes the softmax.
 - expert_up keeps x, up_weight and the permutation, all alive anyway; its backward recomputes the
   pre-activation inside the kernel that applies the activation's backward, so it saves no activation of
   its own. Storing the pre-activation instead would cost k·N·itemsize bytes per token (N = 2·d_ff gated).
@@ -42,8 +40,7 @@ from . import native
 from .activations import Activation, is_gated, resolve
 from .kernels import gating, grouped_gemm
 from .kernels.permute import permute as permute_launcher
-from .pipeline import Permutation, RouterConfig
-from .routing import Routing
+from .pipeline import Permutation
 
 
 def saved_bytes_per_token(k: int, d_ff: int, element_size: int) -> int:
@@ -56,75 +53,43 @@ def saved_bytes_per_token(k: int, d_ff: int, element_size: int) -> int:
 # ---------------------------------------------------------------------------------------------- gating
 
 
-def _separate(routing: Routing) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # The launchers return importance, load and probability_sum as views of one [3, E] sum; a custom op's
-    # outputs may not alias one another, so each gets its own storage (3·E floats).
-    weights, experts, importance, load, probability_sum, logsumexp = routing
-    return weights, experts, importance.clone(), load.clone(), probability_sum.clone(), logsumexp
+@torch.library.custom_op("moe_kernels::triton_softmax_topk", mutates_args=())
+def triton_softmax_topk(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """``kernels.gating.softmax_top_k_forward``: (weights [T, k] float32, experts [T, k] int32);
+    differentiable in logits."""
+    return gating.softmax_top_k_forward(logits, k, renormalize)
 
 
-def _gating_forward_op(name: str, launch):
-    """A custom op of the C++ gating schema whose forward is ``launch`` (a gating launcher's signature);
-    the fields of a Routing, differentiable in logits and noise_logits by triton_gating_backward."""
-
-    def forward(
-        logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, router: str, k: int, renormalize: bool,
-        noise_epsilon: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return _separate(launch(logits, noise_logits, noise, RouterConfig(router, k, renormalize, noise_epsilon)))
-
-    op = torch.library.custom_op(f"moe_kernels::{name}", forward, mutates_args=())
-    op.register_fake(native.gating_fake)
-    op.register_autograd(_gating_backward, setup_context=_gating_setup_context)
-    return op
+@triton_softmax_topk.register_fake
+def _(logits, k, renormalize):
+    return logits.new_empty(logits.shape[0], k), logits.new_empty(logits.shape[0], k, dtype=torch.int32)
 
 
-@torch.library.custom_op("moe_kernels::triton_gating_backward", mutates_args=())
-def triton_gating_backward(
-    grad_weights: Tensor | None, grad_importance: Tensor | None, grad_load: Tensor | None,
-    grad_probability_sum: Tensor | None, grad_logsumexp: Tensor | None,
-    logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, experts: Tensor,
-    router: str, k: int, renormalize: bool, noise_epsilon: float,
-) -> list[Tensor]:
-    """``kernels.gating.gating_backward``: [grad_logits], plus grad_noise_logits for noisy top-k in training.
-
-    A list because a schema cannot return an optional tensor.
-    """
-    config = RouterConfig(router, k, renormalize, noise_epsilon)
-    grad_logits, grad_noise_logits = gating.gating_backward(
-        grad_weights, grad_importance, grad_load, grad_probability_sum, grad_logsumexp,
-        logits, noise_logits, noise, experts, config,
-    )
-    return [grad_logits] if grad_noise_logits is None else [grad_logits, grad_noise_logits]
+@torch.library.custom_op("moe_kernels::triton_softmax_topk_backward", mutates_args=())
+def triton_softmax_topk_backward(grad_weights: Tensor, logits: Tensor, experts: Tensor, renormalize: bool) -> Tensor:
+    """``kernels.gating.softmax_top_k_backward``: grad_logits [T, E] float32."""
+    return gating.softmax_top_k_backward(grad_weights, logits, experts, renormalize)
 
 
-@triton_gating_backward.register_fake
-def _(grad_weights, grad_importance, grad_load, grad_probability_sum, grad_logsumexp,
-      logits, noise_logits, noise, experts, router, k, renormalize, noise_epsilon):
-    noisy = router == "noisy_topk" and noise is not None
-    return [torch.empty_like(logits) for _ in range(2 if noisy else 1)]
+@triton_softmax_topk_backward.register_fake
+def _(grad_weights, logits, experts, renormalize):
+    return torch.empty_like(logits)
 
 
-def _gating_setup_context(ctx, inputs, output):
-    logits, noise_logits, noise, *config = inputs
-    ctx.save_for_backward(logits, noise_logits, noise, output[1])
-    ctx.config = config
+def _softmax_topk_setup_context(ctx, inputs, output):
+    logits, _, renormalize = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.renormalize = renormalize
 
 
-def _gating_backward(ctx, grad_weights, _grad_experts, grad_importance, grad_load, grad_probability_sum, grad_logsumexp):
-    logits, noise_logits, noise, experts = ctx.saved_tensors
-    grads = triton_gating_backward(
-        grad_weights, grad_importance, grad_load, grad_probability_sum, grad_logsumexp,
-        logits, noise_logits, noise, experts, *ctx.config,
-    )
-    grad_noise_logits = grads[1] if len(grads) == 2 else None
-    return grads[0], grad_noise_logits, None, None, None, None, None
+def _softmax_topk_backward(ctx, grad_weights, _grad_experts):
+    logits, experts = ctx.saved_tensors
+    if grad_weights is None:
+        return None, None, None
+    return triton_softmax_topk_backward(grad_weights, logits, experts, ctx.renormalize), None, None
 
 
-# The Triton kernel's forward, and the C++ op's (backend "cuda"): same outputs, same ids, one backward.
-triton_gating = _gating_forward_op("triton_gating", gating.gating_forward)
-native_gating = _gating_forward_op("native_gating", native.route)
-_GATING_FORWARDS = {"triton": triton_gating, "native": native_gating}
+triton_softmax_topk.register_autograd(_softmax_topk_backward, setup_context=_softmax_topk_setup_context)
 
 # ----------------------------------------------------------------------------------------- permutation
 
@@ -142,7 +107,7 @@ triton_permute.register_fake(native.permute_fake)
 # ---------------------------------------------------------------------------------- GEMM 1: expert_up
 
 
-@torch.library.custom_op("moe_kernels::expert_up", mutates_args=())
+@torch.library.custom_op("moe_kernels::triton_expert_up", mutates_args=())
 def expert_up_op(
     x: Tensor, up_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor, sorted_rows: Tensor,
     sorted_assignments: Tensor, activation: str,
@@ -152,7 +117,7 @@ def expert_up_op(
     return grouped_gemm.expert_up_forward(x, up_weight, permutation, activation)
 
 
-@torch.library.custom_op("moe_kernels::expert_up_backward", mutates_args=())
+@torch.library.custom_op("moe_kernels::triton_expert_up_backward", mutates_args=())
 def expert_up_backward_op(
     grad_hidden: Tensor, x: Tensor, up_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor,
     sorted_rows: Tensor, sorted_assignments: Tensor, activation: str,
@@ -189,7 +154,7 @@ expert_up_op.register_autograd(_expert_up_backward, setup_context=_expert_up_set
 # -------------------------------------------------------------------- GEMM 2 + combine: expert_down_combine
 
 
-@torch.library.custom_op("moe_kernels::expert_down_combine", mutates_args=())
+@torch.library.custom_op("moe_kernels::triton_expert_down_combine", mutates_args=())
 def expert_down_combine_op(
     hidden: Tensor, down_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor, sorted_rows: Tensor,
     sorted_assignments: Tensor, weights: Tensor,
@@ -200,7 +165,7 @@ def expert_down_combine_op(
     return grouped_gemm.expert_down_combine_forward(hidden, down_weight, permutation, weights)
 
 
-@torch.library.custom_op("moe_kernels::expert_down_combine_backward", mutates_args=())
+@torch.library.custom_op("moe_kernels::triton_expert_down_combine_backward", mutates_args=())
 def expert_down_combine_backward_op(
     grad_y: Tensor, hidden: Tensor, down_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor,
     sorted_rows: Tensor, sorted_assignments: Tensor, weights: Tensor,
@@ -238,12 +203,10 @@ expert_down_combine_op.register_autograd(_expert_down_combine_backward, setup_co
 # ------------------------------------------------------------------------- what the backends call
 
 
-def route(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig,
-          forward: str = "triton") -> Routing:
-    """The router of ``config`` as a differentiable Routing; the forward by the Triton gating kernel
-    (``forward="triton"``) or by the native op (``"native"``), the backward by the Triton kernel."""
-    op = _GATING_FORWARDS[forward]
-    return Routing(*op(logits, noise_logits, noise, config.router, config.k, config.renormalize, config.noise_epsilon))
+def softmax_topk(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """(weights [T, k], experts [T, k] int32) of routers.softmax_topk's definition, by the Triton kernel;
+    differentiable in logits [T, E] float32."""
+    return triton_softmax_topk(logits, k, renormalize)
 
 
 def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: int) -> Permutation:

@@ -15,19 +15,10 @@ pytest.importorskip("triton")
 
 import moe_kernels  # noqa: E402
 from helpers import device_for, randomize_, skip_unless_runnable  # noqa: E402
-from moe_kernels import native, ops  # noqa: E402
-from moe_kernels.pipeline import RouterConfig  # noqa: E402
+from moe_kernels import ops  # noqa: E402
 
 DEVICE = device_for("triton")
 NUM_TOKENS, NUM_EXPERTS, K, D, D_FF, BLOCK_M = 9, 4, 2, 8, 6, 16
-
-
-def gating_inputs(router: str, training: bool, requires_grad: bool = True):
-    logits = torch.randn(NUM_TOKENS, NUM_EXPERTS, device=DEVICE, requires_grad=requires_grad)
-    noisy = router == "noisy_topk"
-    noise_logits = torch.randn(NUM_TOKENS, NUM_EXPERTS, device=DEVICE, requires_grad=requires_grad) if noisy else None
-    noise = torch.randn(NUM_TOKENS, NUM_EXPERTS, device=DEVICE) if noisy and training else None
-    return logits, noise_logits, noise
 
 
 # The padding rows of hidden and grad_hidden are unspecified (never written), so two runs of expert_up or
@@ -43,23 +34,13 @@ def permutation_of(capacity: int | None, block_m: int):
     return ops.permute(experts, NUM_EXPERTS, capacity, block_m)
 
 
-@pytest.mark.parametrize("router,training", [("topk", True), ("switch", True), ("noisy_topk", True), ("noisy_topk", False)])
-def test_opcheck_gating(router, training):
-    k = 1 if router == "switch" else K
-    inputs = gating_inputs(router, training)
-    torch.library.opcheck(ops.triton_gating, (*inputs, router, k, True, 1e-2))
-    routing = ops.route(*inputs, RouterConfig(router, k))
-    differentiable = (routing.weights, routing.importance, routing.load, routing.probability_sum, routing.logsumexp)
-    grads = [torch.randn_like(t) for t in differentiable]
-    detached = [None if t is None else t.detach() for t in inputs]
-    torch.library.opcheck(ops.triton_gating_backward, (*grads, *detached, routing.experts, router, k, True, 1e-2))
-
-
-@pytest.mark.skipif(not native.has_cpu_ops(), reason="moe_kernels._C is not built: run python setup.py build_ext --inplace")
-@pytest.mark.parametrize("router,training", [("topk", True), ("noisy_topk", True)])
-def test_opcheck_native_gating(router, training):
-    inputs = [t if t is None else t.to("cpu") for t in gating_inputs(router, training)]
-    torch.library.opcheck(ops.native_gating, (*inputs, router, K, True, 1e-2))
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_opcheck_softmax_topk(renormalize):
+    logits = torch.randn(NUM_TOKENS, NUM_EXPERTS, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.triton_softmax_topk, (logits, K, renormalize))
+    weights, experts = ops.softmax_topk(logits, K, renormalize)
+    grad_weights = torch.randn_like(weights)
+    torch.library.opcheck(ops.triton_softmax_topk_backward, (grad_weights, logits.detach(), experts, renormalize))
 
 
 @pytest.mark.parametrize("capacity", [None, 3])

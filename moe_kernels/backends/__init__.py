@@ -1,8 +1,8 @@
 """The backends behind the pipeline seam, looked up by name.
 
-"torch": vectorised PyTorch, any device. "triton": Triton kernels (CUDA, or the CPU under
-TRITON_INTERPRET=1). "cuda": the native routing ops of ``moe_kernels._C`` feeding the Triton GEMMs.
-"auto" picks "triton" for CUDA tensors when Triton is installed, else "torch".
+"torch": vectorised PyTorch, any device, any float dtype. "triton": Triton kernels (CUDA, or the CPU under
+TRITON_INTERPRET=1), float16/bfloat16/float32. "auto" picks "triton" for CUDA tensors of a dtype it takes
+when Triton is installed, else "torch".
 """
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ import torch
 
 from ..pipeline import Backend
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton")
+# The dtypes of x each backend computes in.
+DTYPES = {
+    "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+}
 
 
 def _importable(name: str) -> bool:
@@ -29,27 +34,29 @@ def _load(name: str) -> Backend:
     # forward (which resolves its backend) in one graph.
     if name == "torch":
         from .pytorch import TorchBackend as backend
-    elif name == "triton":
-        from .triton import TritonBackend as backend
     else:
-        from .cuda import CudaBackend as backend
+        from .triton import TritonBackend as backend
     return backend()
 
 
 def available() -> tuple[str, ...]:
-    """The backends this installation can run (which depends on Triton and on the built extension)."""
+    """The backends this installation can run (which depends on Triton)."""
     return tuple(name for name in BACKENDS if _importable(name))
 
 
-def resolve(name: str, device: torch.device) -> Backend:
-    """The Backend called ``name`` ("auto" chooses by device): ImportError if it is not installed,
-    ValueError if it cannot run on ``device``."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The Backend called ``name`` ("auto" chooses by device and dtype) for x on ``device`` of ``dtype``:
+    ImportError if it is not installed, ValueError if it cannot run there."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+        kernels = device.type == "cuda" and dtype in DTYPES["triton"] and importlib.util.find_spec("triton")
+        name = "triton" if kernels else "torch"
     backend = _load(name)
     if name != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"backend {name!r} runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, for testing); "
             f"x is on {device}: use backend 'torch' or 'auto'"
         )
+    if dtype not in DTYPES[name]:
+        takers = tuple(other for other in BACKENDS if dtype in DTYPES[other])
+        raise ValueError(f"backend {name!r} does not compute in {dtype} (x's dtype); backends that do: {takers}")
     return backend

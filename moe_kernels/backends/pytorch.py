@@ -10,18 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import native
-from .. import routing as routers
 from ..activations import Activation, activate
-from ..pipeline import Permutation, RouterConfig
-from ..routing import Routing
-
-
-def route(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
-    if config.router == "noisy_topk":
-        return routers.noisy_topk(logits, noise_logits, config.k, noise, config.noise_epsilon)
-    if config.router == "switch":
-        return routers.switch(logits)
-    return routers.topk(logits, config.k, config.renormalize)
+from ..pipeline import Permutation
 
 
 def permute(experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
@@ -131,13 +121,6 @@ def expert_down_combine(
     return contributions.sum(1).to(hidden.dtype)
 
 
-def _route_native_on_cpu(logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
-    """route(), by the native CPU op where it applies: built, on the CPU, and no gradient wanted."""
-    if native.has_cpu_ops() and logits.device.type == "cpu" and not native.grad_required(logits, noise_logits):
-        return native.route(logits, noise_logits, noise, config)
-    return route(logits, noise_logits, noise, config)
-
-
 def _permute_native_on_cpu(experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
     """permute(), by the native CPU op when it is built and experts are on the CPU."""
     if native.has_cpu_ops() and experts.device.type == "cpu":
@@ -146,12 +129,16 @@ def _permute_native_on_cpu(experts: Tensor, num_experts: int, capacity: int | No
 
 
 class TorchBackend:
-    """The stage functions above as a pipeline Backend; routing and permutation by the native CPU ops when built.
+    """The stage functions above as a pipeline Backend; the permutation by the native CPU op when built.
 
-    The module-level route() and permute() stay pure PyTorch: they are the reference the kernels are tested on.
+    The module-level permute() stays pure PyTorch: it is the reference the kernels are tested on.
     """
 
-    route = staticmethod(_route_native_on_cpu)
+    fused_routing = False
     permute = staticmethod(_permute_native_on_cpu)
     expert_up = staticmethod(expert_up)
     expert_down_combine = staticmethod(expert_down_combine)
+
+    @staticmethod
+    def block_m(num_tokens: int, slots: int, num_experts: int) -> int:
+        return 1  # torch._grouped_mm takes segments of any length

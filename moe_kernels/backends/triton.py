@@ -7,20 +7,22 @@ from torch import Tensor
 from .. import ops
 from ..activations import Activation
 from ..kernels.tiles import block_m_for
-from ..pipeline import Permutation, RouterConfig
-from ..routing import Routing
+from ..pipeline import Permutation
 
 
 class TritonBackend:
     """The pipeline Backend of the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
 
-    def route(self, logits: Tensor, noise_logits: Tensor | None, noise: Tensor | None, config: RouterConfig) -> Routing:
-        return ops.route(logits, noise_logits, noise, config)
+    fused_routing = True
+
+    @staticmethod
+    def block_m(num_tokens: int, slots: int, num_experts: int) -> int:
+        # Segments padded to the GEMMs' tile height, so that each tile runs one expert.
+        return block_m_for(num_tokens, slots, num_experts)
 
     def permute(self, experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
-        # Segments padded to the GEMMs' tile height, so that each tile runs one expert.
-        num_tokens, k = experts.shape
-        return ops.permute(experts, num_experts, capacity, block_m_for(num_tokens, k, num_experts))
+        num_tokens, slots = experts.shape
+        return ops.permute(experts, num_experts, capacity, self.block_m(num_tokens, slots, num_experts))
 
     def expert_up(
         self, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation
