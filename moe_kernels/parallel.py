@@ -6,8 +6,8 @@ unchanged) and the router stays replicated (data parallel: keep it in sync like 
 
 The forward, on each rank's own tokens x [T, d]:
 1. route locally with the layer's router: weights [T, S], expert ids [T, S], and this rank's aux loss;
-2. count exchange, one all_gather: every rank's assignments per (slot, expert) (per expert when dropless)
-   and its x dtype. Every rank then knows every split size and every capacity decision;
+2. count exchange, one all_gather of int32: every rank's assignments per (slot, expert) (per expert when
+   dropless) and its x dtype. Every rank then knows every split size and every capacity decision;
 3. dispatch, all_to_all: one row per kept assignment to the rank that owns its expert, in expert order
    (the expert ids are not sent: rows arrive grouped by expert and step 2 says how many of each);
 4. the local experts: the received rows are a producer of "rows grouped by expert" with one slot per
@@ -15,7 +15,9 @@ The forward, on each rank's own tokens x [T, d]:
    expert_down_combine with weight 1, unchanged kernels;
 5. return, all_to_all back (the reverse splits), then y[t] = Σ_s weights[t, s]·row(t, s) in slot order.
 Autograd flows through both exchanges (their backward is the reverse exchange), so expert gradients hold
-the contributions of every rank's tokens and the router's gradient the rank's own.
+the contributions of every rank's tokens (the gradient of Σ_r loss_r) and the router's gradient the rank's
+own. With data parallelism on top, average the router like any replicated parameter, keep the sharded
+experts out of that averaging, and divide their gradients by W where the replicated ones are averaged.
 
 Capacity counts the whole group's tokens: capacity_factor·(Σ_r T_r)·S/E per expert, kept in the
 single-process layer's priority on the ranks' tokens concatenated in rank order: slot-major first (every
@@ -211,7 +213,7 @@ def _plan(layer: ExpertParallelMoE, dtype: torch.dtype, experts: Tensor) -> _Pla
     group, world = layer.group, dist.get_world_size(layer.group)
     rank = dist.get_rank(group)
     by_slot = layer.capacity_factor is not None
-    counts = assignment_counts(experts, layer.num_experts, by_slot)
+    counts = assignment_counts(experts, layer.num_experts, by_slot).to(torch.int32)
     message = torch.cat([counts.new_tensor([_DTYPES.index(dtype)]), counts.flatten()])
     gathered = message.new_empty(world * message.numel())
     dist.all_gather_single(gathered, message, group=group)
@@ -220,7 +222,7 @@ def _plan(layer: ExpertParallelMoE, dtype: torch.dtype, experts: Tensor) -> _Pla
     if (codes != codes[0]).any():
         received = ", ".join(f"rank {r}: {_DTYPES[c]}" for r, c in enumerate(codes.tolist()))
         raise ValueError(f"every rank of an expert-parallel layer must call it with x of one dtype; got {received}")
-    all_counts = gathered[:, 1:].view(world, -1, layer.num_experts)
+    all_counts = gathered[:, 1:].view(world, -1, layer.num_experts).long()
     capacity = None
     if by_slot:
         total_tokens = int(all_counts[:, 0].sum())
