@@ -39,6 +39,7 @@ QUICK_CASES = [
     (8, 6, 1, "E", "topk", "geglu", None, [(3,), (6,), (1,), (0,)], False, False),
     (12, 8, 2, 2, "topk", "swiglu", 0.5, [(9,), (6,), (12,), (1,)], False, False),
 ]
+PRIORITY_CASE = QUICK_CASES[3]  # capacity with k = 2: where the priority order matters
 FULL_CASES = [
     (16, 24, 4, 4, "topk", "silu", 1.25, [(33,), (17,), (0,), (40,)], False, False),
     (10, 12, 2, 2, "noisy_topk", "gelu", None, [(8,), (13,), (5,), (0,)], False, True),
@@ -144,6 +145,7 @@ def _worker(rank: int, world: int, cases: list[tuple]) -> None:
     torch.set_num_threads(1)
     for case in cases:
         _check_case(case, rank, world)
+    _assert_priorities_differ(PRIORITY_CASE, world)
     _check_case(cases[0], rank, world, frozen_rank=0)
     _check_determinism(cases[0], rank, world)
     _check_no_grad(cases[0], rank, world)
@@ -180,7 +182,8 @@ def _single_process(layer, xs, dys):
         aux.append(layer.aux_loss.detach().double())
         loss = loss + layer.aux_loss.double()
     parameters = dict(layer.named_parameters())
-    gradients = torch.autograd.grad(loss, [x] + list(parameters.values()))
+    gradients = torch.autograd.grad(loss, [x] + list(parameters.values()), allow_unused=True)
+    gradients = [torch.zeros_like(p) if g is None else g for p, g in zip([x] + list(parameters.values()), gradients)]
     layer.aux_loss = None  # a graph's output: the layer must stay deep-copyable
     return y.detach().double(), gradients[0].double(), {name: g.double() for name, g in zip(parameters, gradients[1:])}, aux
 
@@ -227,12 +230,12 @@ def _check_case(case, rank, world, backend: str = "torch", dtype=torch.float64, 
     local = full.num_experts // world
     for name, parameter in layer.experts.named_parameters():
         check(parameter.grad, lambda result: result[2][f"experts.{name}"][rank * local : (rank + 1) * local], 3, f"experts.{name}.grad")
-    if case[6] is not None and full.k > 1:
-        _assert_priorities_differ(full, xs, case)
 
 
-def _assert_priorities_differ(full, xs, case):
-    """The capacity cases with k > 1 must tell slot-major-then-rank priority from rank-first priority."""
+def _assert_priorities_differ(case, world):
+    """The data of ``case`` tells slot-major-then-rank priority from rank-first priority (else its capacity
+    check could not fail for the wrong one)."""
+    full, xs, _ = _build(case, world)
     backend = moe_kernels.backends.resolve("torch", torch.device("cpu"))
     routed = [parallel._route(full, backend, x.reshape(-1, full.d_model))[1] for x in xs]
     counts = torch.stack([assignment_counts(e, full.num_experts, by_slot=True) for e in routed])
