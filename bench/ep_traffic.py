@@ -45,12 +45,12 @@ def rank_traffic(config: BenchConfig, routing_mode: str, tokens_per_rank: int, w
     # so it is the bench layer's gate).
     layer = build_reference(replace(config, d_ff=1), routing_mode, torch.device("cpu"), torch.float32)
     by_slot = config.capacity_factor is not None
-    with torch.no_grad():
-        counts = torch.stack([
-            assignment_counts(route(layer, make_tokens(config, routing_mode, tokens_per_rank, "cpu", torch.float32, seed=1 + rank)[0]).experts,
-                              config.num_experts, by_slot)
-            for rank in range(world)
-        ])
+    counts = []
+    for rank in range(world):
+        tokens = make_tokens(config, routing_mode, tokens_per_rank, "cpu", torch.float32, seed=1 + rank)[0]
+        with torch.no_grad():
+            counts.append(assignment_counts(route(layer, tokens).experts, config.num_experts, by_slot))
+    counts = torch.stack(counts)
     capacity = expert_capacity(config.capacity_factor, tokens_per_rank * world, config.k, config.num_experts)
     rows = rows_between_ranks(kept_counts(counts, capacity))
     remote = rows * (1 - torch.eye(world, dtype=rows.dtype))
@@ -81,7 +81,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['config']:<17} {r['routing']:<7} {r['tokens_per_rank']:>6} | {mean_max(r['rows_out']):>17} | "
             f"{mean_max(r['rows_in']):>17} | {mean_max(r['forward_bytes_each_way'], MB):>17} | "
-            f"{mean_max(r['forward_backward_bytes_each_way'], MB):>17} | {_number(r['count_exchange_bytes'] / 1e3):>9} | "
+            f"{mean_max(r['forward_backward_bytes_each_way'], MB):>17} | "
+            f"{_number(r['count_exchange_bytes'] / 1e3):>9} | "
             f"{r['kept_rows'] / r['assignments']:.0%}"
         )
     return "\n".join(lines)

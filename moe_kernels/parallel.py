@@ -72,7 +72,8 @@ class ExpertParallelMoE(MoE):
     def extra_repr(self) -> str:
         local = self.experts.down_proj.shape[0]
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        return f"{super().extra_repr()}, experts [{self.first_expert}, {self.first_expert + local}) on rank {rank} of {world}"
+        experts = f"experts [{self.first_expert}, {self.first_expert + local})"
+        return f"{super().extra_repr()}, {experts} on rank {rank} of {world}"
 
 
 def expert_parallel(layer: MoE, group: dist.ProcessGroup | None = None) -> ExpertParallelMoE:
@@ -82,16 +83,21 @@ def expert_parallel(layer: MoE, group: dist.ProcessGroup | None = None) -> Exper
     names what differs). Build the optimizer after the conversion (the expert Parameters are replaced).
     """
     if type(layer) is not MoE:
-        raise TypeError(f"layer must be a moe_kernels.MoE (not a subclass, not already expert-parallel), got {type(layer).__name__}")
+        raise TypeError(
+            f"layer must be a moe_kernels.MoE (not a subclass, not already expert-parallel), got {type(layer).__name__}"
+        )
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("expert_parallel needs torch.distributed initialised: call torch.distributed.init_process_group first")
+        raise RuntimeError(
+            "expert_parallel needs torch.distributed initialised: call torch.distributed.init_process_group first"
+        )
     group = dist.group.WORLD if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of group {group!r}")
     if layer.num_experts % world:
         raise ValueError(
-            f"num_experts={layer.num_experts} is not divisible by the group's size {world}: each rank must hold as many experts"
+            f"num_experts={layer.num_experts} is not divisible by the group's size {world}: "
+            f"each rank must hold as many experts"
         )
     _check_same_layer_everywhere(layer, group, world)
 
@@ -132,7 +138,10 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
 def assignment_counts(experts: Tensor, num_experts: int, by_slot: bool) -> Tensor:
     """experts [T, S] int → [S, E] int64 assignments per (slot, expert), or [1, E] summed over slots."""
     num_tokens, slots = experts.shape
-    slot = torch.arange(slots, device=experts.device).expand(num_tokens, slots) if by_slot else torch.zeros_like(experts)
+    if by_slot:
+        slot = torch.arange(slots, device=experts.device).expand(num_tokens, slots)
+    else:
+        slot = torch.zeros_like(experts)
     key = slot.long() * num_experts + experts.long()
     return torch.bincount(key.flatten(), minlength=(slots if by_slot else 1) * num_experts).view(-1, num_experts)
 
@@ -179,7 +188,9 @@ def _route(layer: MoE, backend: Backend, tokens: Tensor) -> tuple[Tensor, Tensor
     return routing.weights, routing.experts, router_loss(routing, layer.router, layer.k, layer.loss_weights)
 
 
-def _experts_across_group(layer: ExpertParallelMoE, backend: Backend, tokens: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+def _experts_across_group(
+    layer: ExpertParallelMoE, backend: Backend, tokens: Tensor, weights: Tensor, experts: Tensor
+) -> Tensor:
     """y [T, d] in tokens' dtype: Σ_s weights[t, s]·expert_{experts[t, s]}(tokens[t]), the experts on their ranks."""
     num_tokens = experts.shape[0]
     group = layer.group
@@ -232,8 +243,10 @@ def _plan(layer: ExpertParallelMoE, dtype: torch.dtype, experts: Tensor) -> _Pla
     local = layer.num_experts // world
     first = layer.first_expert
     received_per_expert = kept.sum(1)[:, first : first + local]  # [W, local]: rows from each rank for each expert
-    local_experts = torch.arange(local, dtype=torch.int32).repeat(world).repeat_interleave(received_per_expert.flatten())
-    return _Plan(rows[rank].tolist(), rows[:, rank].tolist(), local_experts.to(experts.device), kept[rank].to(experts.device))
+    local_ids = torch.arange(local, dtype=torch.int32).repeat(world)
+    local_experts = local_ids.repeat_interleave(received_per_expert.flatten())
+    device = experts.device
+    return _Plan(rows[rank].tolist(), rows[:, rank].tolist(), local_experts.to(device), kept[rank].to(device))
 
 
 def _dispatch_order(experts: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:

@@ -56,7 +56,9 @@ def _cases(world: int) -> list[tuple]:
 # In one process: the capacity priority and the conversion's own errors.
 
 
-@pytest.mark.parametrize("world,slots,experts_per_rank,capacity", [(2, 2, 3, 2), (4, 3, 1, 5), (3, 1, 2, 3), (4, 2, 2, 0), (2, 4, 2, None)])
+@pytest.mark.parametrize(
+    "world,slots,experts_per_rank,capacity", [(2, 2, 3, 2), (4, 3, 1, 5), (3, 1, 2, 3), (4, 2, 2, 0), (2, 4, 2, None)]
+)
 def test_kept_counts_is_the_single_process_priority(world, slots, experts_per_rank, capacity):
     """Each rank keeps, per (slot, expert), exactly what the single-process layer keeps of that rank's
     assignments on the concatenated tokens (reference.kept_assignments: slot-major, then token order)."""
@@ -120,7 +122,8 @@ def spawn(function, world: int, directory, *args) -> None:
     """
     multiprocessing.set_forkserver_preload(["torch", "moe_kernels", __name__])
     try:
-        mp.start_processes(_run_logged, args=(function, world, str(directory), *args), nprocs=world, start_method="forkserver")
+        arguments = (function, world, str(directory), *args)
+        mp.start_processes(_run_logged, args=arguments, nprocs=world, start_method="forkserver")
     except mp.ProcessRaisedException:
         logs = sorted(directory.glob("rank*.log"))
         report = "\n".join(f"---- {log.name}\n{log.read_text()}" for log in logs)
@@ -130,7 +133,8 @@ def spawn(function, world: int, directory, *args) -> None:
 
 
 def _run_logged(rank: int, function, world: int, directory: str, *args) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world, timeout=TIMEOUT)
+    rendezvous = f"file://{directory}/rendezvous"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         function(rank, world, *args)
     except BaseException:
@@ -185,7 +189,8 @@ def _single_process(layer, xs, dys):
     gradients = torch.autograd.grad(loss, [x] + list(parameters.values()), allow_unused=True)
     gradients = [torch.zeros_like(p) if g is None else g for p, g in zip([x] + list(parameters.values()), gradients)]
     layer.aux_loss = None  # a graph's output: the layer must stay deep-copyable
-    return y.detach().double(), gradients[0].double(), {name: g.double() for name, g in zip(parameters, gradients[1:])}, aux
+    parameter_gradients = {name: g.double() for name, g in zip(parameters, gradients[1:])}
+    return y.detach().double(), gradients[0].double(), parameter_gradients, aux
 
 
 def _expert_parallel_step(full, x, dy, backend: str = "torch", dtype=torch.float64, x_requires_grad: bool = True):
@@ -206,7 +211,8 @@ def _check_case(case, rank, world, backend: str = "torch", dtype=torch.float64, 
     exact = _single_process(full, xs, dys)
     baseline = exact
     if dtype != torch.float64:
-        baseline = _single_process(moe_kernels.MoE.from_reference(copy.deepcopy(full).to(dtype), backend=backend), xs, dys)
+        single = moe_kernels.MoE.from_reference(copy.deepcopy(full).to(dtype), backend=backend)
+        baseline = _single_process(single, xs, dys)
     layer, y, x_grad = _expert_parallel_step(full, xs[rank], dys[rank], backend, dtype, rank != frozen_rank)
     router_grad = layer.gate.weight.grad.double()
     dist.all_reduce(router_grad)
@@ -217,19 +223,20 @@ def _check_case(case, rank, world, backend: str = "torch", dtype=torch.float64, 
     mine = slice(start, start + counts[rank])
 
     def check(actual, pick, factor, name):
-        assert_close(actual.double(), pick(baseline), pick(exact), dtype, factor, f"{name}, {what}")
+        assert_close(actual.double(), pick(*baseline), pick(*exact), dtype, factor, f"{name}, {what}")
 
+    local = slice(rank * full.num_experts // world, (rank + 1) * full.num_experts // world)
     assert y.shape == xs[rank].shape, what
-    check(y.reshape(-1, full.d_model), lambda result: result[0][mine], 2, "y")
+    check(y.reshape(-1, full.d_model), lambda y, x_grad, grads, aux: y[mine], 2, "y")
     if rank == frozen_rank:
         assert x_grad is None, what
     else:
-        check(x_grad.reshape(-1, full.d_model), lambda result: result[1][mine], 3, "x.grad")
-    check(layer.aux_loss.detach(), lambda result: result[3][rank], 2, "aux_loss")
-    check(router_grad, lambda result: result[2]["gate.weight"], 3, "gate.weight.grad summed over ranks")
-    local = full.num_experts // world
+        check(x_grad.reshape(-1, full.d_model), lambda y, x_grad, grads, aux: x_grad[mine], 3, "x.grad")
+    check(layer.aux_loss.detach(), lambda y, x_grad, grads, aux: aux[rank], 2, "aux_loss")
+    check(router_grad, lambda y, x_grad, grads, aux: grads["gate.weight"], 3, "gate.weight.grad summed over ranks")
     for name, parameter in layer.experts.named_parameters():
-        check(parameter.grad, lambda result: result[2][f"experts.{name}"][rank * local : (rank + 1) * local], 3, f"experts.{name}.grad")
+        key = f"experts.{name}"
+        check(parameter.grad, lambda y, x_grad, grads, aux: grads[key][local], 3, f"{key}.grad")
 
 
 def _assert_priorities_differ(case, world):
@@ -242,7 +249,7 @@ def _assert_priorities_differ(case, world):
     total = sum(e.shape[0] for e in routed)
     capacity = moe_kernels.pipeline.expert_capacity(full.capacity_factor, total, full.k, full.num_experts)
     rank_first = kept_counts(counts.reshape(1, -1, full.num_experts), capacity).view_as(counts)
-    assert not torch.equal(rank_first, kept_counts(counts, capacity)), f"case {case}: the data cannot tell the priorities apart"
+    assert not torch.equal(rank_first, kept_counts(counts, capacity)), f"{case}: the data cannot tell the orders apart"
 
 
 def _check_no_grad(case, rank, world):
