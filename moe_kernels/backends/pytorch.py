@@ -95,6 +95,16 @@ def _row_experts(permutation: Permutation, num_rows: int) -> Tensor:
     return torch.searchsorted(permutation.expert_offsets[1:], rows, right=True).clamp(max=num_experts - 1)
 
 
+def _bias_rows(bias: Tensor, permutation: Permutation, num_rows: int, dtype: torch.dtype) -> Tensor:
+    """bias[expert of row] for every sorted row: [R, n] in ``dtype``.
+
+    Gathered in float32 (float64 stays float64): the gradient of the gather sums each expert's rows, and in a
+    16-bit dtype that sum would round at every addition (3× HF eager's error on GPT-OSS's bf16 down_proj_bias).
+    """
+    wide = torch.promote_types(bias.dtype, torch.float32)
+    return bias.to(wide)[_row_experts(permutation, num_rows)].to(dtype)
+
+
 def expert_up(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation) -> Tensor:
     num_tokens, k = permutation.sorted_rows.shape
     assignments = permutation.sorted_assignments
@@ -104,7 +114,7 @@ def expert_up(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation:
     # The experts compute in x's dtype (a no-op when the parameters already have it).
     pre_activation = grouped_matmul(x_and_zero_row[tokens], up_weight.to(x.dtype), permutation)
     if up_bias is not None:
-        pre_activation = pre_activation + up_bias.to(x.dtype)[_row_experts(permutation, assignments.shape[0])]
+        pre_activation = pre_activation + _bias_rows(up_bias, permutation, assignments.shape[0], x.dtype)
     return activate(pre_activation, activation)
 
 
@@ -113,7 +123,7 @@ def expert_down_combine(
 ) -> Tensor:
     expert_outputs = grouped_matmul(hidden, down_weight.to(hidden.dtype), permutation)
     if down_bias is not None:
-        expert_outputs = expert_outputs + down_bias.to(hidden.dtype)[_row_experts(permutation, hidden.shape[0])]
+        expert_outputs = expert_outputs + _bias_rows(down_bias, permutation, hidden.shape[0], hidden.dtype)
     kept = permutation.sorted_rows >= 0
     per_assignment = expert_outputs[permutation.sorted_rows.clamp(min=0).long()].to(weights.dtype)
     # where, not a multiply by zero: a dropped slot must not pick up a non-finite row of another token.
