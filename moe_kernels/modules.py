@@ -90,21 +90,23 @@ class SharedExpert(nn.Module):
 
 
 class AttachAuxLoss(torch.autograd.Function):
-    """Identity on y whose backward also sends d(total loss)/d(aux_loss) = 1 into aux_loss (Megatron-LM's
-    MoEAuxLossAutoScaler): the aux loss trains the router whenever y's gradient is computed, whatever wraps the
-    layer (reentrant gradient checkpointing recomputes the forward and attaches again)."""
+    """Identity on the routing weights whose backward also sends d(total loss)/d(aux_loss) = 1 into aux_loss
+    (Megatron-LM's MoEAuxLossAutoScaler, attached to the weights rather than to the layer's output, so that the
+    output stays an ordinary tensor the caller may modify in place): the aux loss trains the router whenever y's
+    gradient is computed, whatever wraps the layer (reentrant gradient checkpointing recomputes the forward and
+    attaches again)."""
 
     @staticmethod
-    def forward(y: Tensor, aux_loss: Tensor) -> Tensor:
-        return y.view_as(y)
+    def forward(weights: Tensor, aux_loss: Tensor) -> Tensor:
+        return weights.view_as(weights)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.aux_shape, ctx.aux_dtype, ctx.aux_device = inputs[1].shape, inputs[1].dtype, inputs[1].device
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        return grad_y, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=ctx.aux_device)
+    def backward(ctx, grad_weights: Tensor):
+        return grad_weights, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=ctx.aux_device)
 
 
 class AttachAuxLossEager(AttachAuxLoss):
@@ -112,8 +114,8 @@ class AttachAuxLossEager(AttachAuxLoss):
     Function that defines ``jvp``."""
 
     @staticmethod
-    def jvp(ctx, y_tangent: Tensor, aux_tangent: Tensor | None) -> Tensor:
-        return y_tangent
+    def jvp(ctx, weights_tangent: Tensor, aux_tangent: Tensor | None) -> Tensor:
+        return weights_tangent
 
 
 class MoEBase(nn.Module):
@@ -234,11 +236,11 @@ class MoEBase(nn.Module):
         else:
             expert_tokens = tokens
         backend = self._backend(expert_tokens)
-        routing = self.gate(tokens, use_kernel=backend is not None and backend.fused_routing)
+        routing = self._take_aux_loss(self.gate(tokens, use_kernel=backend is not None and backend.fused_routing))
         with torch.autocast(device_type, enabled=False):
             y = self._experts_output(expert_tokens, routing, sequence_length, backend)
             y = self._add_shared_expert(expert_tokens, y)
-        return self._attach_aux_loss(y, routing.aux_loss).view(*x.shape[:-1], self.d_model)
+        return y.view(*x.shape[:-1], self.d_model)
 
     def _backend(self, x: Tensor) -> Backend | None:
         """The pipeline backend this layer runs x on (None: the reference's loop)."""
@@ -255,14 +257,18 @@ class MoEBase(nn.Module):
             return y + gate * self.shared_expert(tokens)
         return y
 
-    def _attach_aux_loss(self, y: Tensor, aux_loss: Tensor | None) -> Tensor:
+    def _take_aux_loss(self, routing: Routing) -> Routing:
+        """Sets ``aux_loss`` from the routing; in "attach" mode returns the routing with its gradient attached
+        to the weights (``AttachAuxLoss``)."""
+        aux_loss = routing.aux_loss
         if aux_loss is None or self.aux_loss_mode == "manual":
             self.aux_loss = aux_loss
-            return y
+            return routing
         self.aux_loss = aux_loss.detach()
         if not aux_loss.requires_grad:
-            return y
-        return (AttachAuxLoss if torch.compiler.is_compiling() else AttachAuxLossEager).apply(y, aux_loss)
+            return routing
+        attach = AttachAuxLoss if torch.compiler.is_compiling() else AttachAuxLossEager
+        return routing._replace(weights=attach.apply(routing.weights, aux_loss))
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):

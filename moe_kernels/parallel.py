@@ -63,10 +63,9 @@ class ExpertParallelMoE(MoE):
         tokens = x.reshape(-1, self.d_model)
         backend = resolve(self.backend, x.device, x.dtype)
         # The layer's router on this rank's tokens; its aux loss is these tokens' alone.
-        routing = self.gate(tokens, use_kernel=backend.fused_routing)
+        routing = self._take_aux_loss(self.gate(tokens, use_kernel=backend.fused_routing))
         y = _experts_across_group(self, backend, tokens, routing.weights, routing.experts)
-        y = self._add_shared_expert(tokens, y)
-        return self._attach_aux_loss(y, routing.aux_loss).view(x.shape)
+        return self._add_shared_expert(tokens, y).view(x.shape)
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded layer's state dict (experts [E, ...]), on every rank; collective (see ``full_state_dict``)."""

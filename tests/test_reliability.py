@@ -108,6 +108,15 @@ def test_deepcopy_after_a_training_forward_and_ema():
         torch.optim.swa_utils.AveragedModel(layer).update_parameters(layer)
 
 
+def test_the_output_is_an_ordinary_tensor():
+    """The aux loss's gradient rides on the routing weights, not on y: y may be modified in place."""
+    layer = moe_kernels.MoE(8, 6, 4)
+    y = layer(torch.randn(5, 8, requires_grad=True))
+    y += 1.0
+    y.sum().backward()
+    assert layer.gate.weight.grad is not None
+
+
 def test_aux_loss_only_when_it_can_matter():
     layer = moe_kernels.MoE(8, 6, 4)
     x = torch.randn(5, 8)
