@@ -9,3 +9,11 @@ def test_from_reference_of_a_hugging_face_block_says_what_to_do():
     block = next(module for name, module in build("mixtral").named_modules() if name.endswith("layers.0.mlp"))
     with pytest.raises(TypeError, match="MixtralSparseMoeBlock.*moe_kernels.integrations.transformers"):
         moe_kernels.MoE.from_reference(block)
+
+
+def test_swap_of_a_model_it_cannot_swap_warns_instead_of_doing_nothing_silently():
+    model = build("mixtral")
+    before = {name: parameter for name, parameter in model.named_parameters()}
+    with pytest.warns(UserWarning, match=r"MixtralSparseMoeBlock \(2 in MixtralForCausalLM\).*looks like an MoE block"):
+        assert moe_kernels.swap(model) is model
+    assert {name: parameter for name, parameter in model.named_parameters()} == before
