@@ -71,3 +71,15 @@ def build(family: str, experts_implementation: str = "eager", dtype=torch.float3
 def tokens(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def build_switch(dtype=torch.float32, seed: int = 0, **overrides):
+    """A tiny random SwitchTransformersForConditionalGeneration (encoder-decoder; its experts are not on
+    transformers' ExpertsInterface): every encoder layer sparse, every second decoder layer."""
+    arguments = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=4,
+                     num_experts=4, expert_capacity=3, encoder_sparse_step=1, decoder_sparse_step=2, dropout_rate=0.0,
+                     pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.SwitchTransformersForConditionalGeneration(
+        transformers.SwitchTransformersConfig(**{**arguments, **overrides}))
+    return model.to(dtype).train()
