@@ -236,6 +236,32 @@ def test_layout_flags_match_transformers_batched_mm(has_gate, is_transposed, has
         assert relative_error(actual, expected) <= RELATIVE
 
 
+@pytest.mark.parametrize("model_type,experts_class", [
+    ("gpt_oss", "GptOssExperts"),  # transposed, interleaved gate/up, biases, clamped SwiGLU
+    ("openai_privacy_filter", "OpenAIPrivacyFilterExperts"),  # the same gate on concatenated gate/up
+])
+def test_model_specific_gates_match_transformers_batched_mm(model_type, experts_class, registered):
+    module_path = f"transformers.models.{model_type}.modeling_{model_type}"
+    config = transformers.AutoConfig.for_model(model_type, hidden_size=16, intermediate_size=8, num_local_experts=3,
+                                               swiglu_limit=1.0)
+    torch.manual_seed(len(model_type))
+    experts = getattr(__import__(module_path, fromlist=[experts_class]), experts_class)(config)
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.normal_(0.0, 0.5)
+    x, index, weights = torch.randn(7, 16), torch.stack([torch.randperm(3)[:2] for _ in range(7)]), torch.rand(7, 2)
+    results = {}
+    for implementation in ("batched_mm", registered):
+        config._experts_implementation = implementation
+        experts.zero_grad(set_to_none=True)
+        xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        y = experts(xx, index, ww)
+        (y * torch.linspace(-1, 1, 16)).sum().backward()
+        results[implementation] = [y.detach(), xx.grad, ww.grad] + [p.grad for p in experts.parameters()]
+    for expected, actual in zip(results["batched_mm"], results[registered]):
+        assert relative_error(actual, expected) <= RELATIVE
+
+
 class _OwnGate(nn.Module):
     def _apply_gate(self, gate_up):
         return gate_up[..., ::2]
