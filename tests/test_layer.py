@@ -48,6 +48,47 @@ def test_fast_layer_matches_reference(case, dtype, backend):
     assert_layer_matches(reference64.to(device), reference_low.to(device), fast.to(device), x, dtype)
 
 
+# The layer options of the models people run: (name, constructor arguments, x shape). Sizes d 12, d_ff 10, E 6.
+MODEL_OPTIONS = [
+    ("qwen2-shared-expert-gate", dict(k=2, renormalize=False, shared_d_ff=14, shared_expert_gate=True), (2, 9)),
+    ("deepseek-shared-experts", dict(k=2, shared_d_ff=14), (17,)),
+    ("switch-jitter-expert-capacity", dict(k=1, router="switch", activation="relu", bias=True, jitter_noise=0.1,
+                                           expert_capacity=2), (3, 11)),
+    ("both-capacities", dict(k=3, capacity_factor=0.75, expert_capacity=3), (2, 13)),
+    ("gpt-oss", dict(k=2, bias=True, activation="gpt_oss_swiglu", expert_bias=True), (2, 9)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,options,shape", MODEL_OPTIONS, ids=[case[0] for case in MODEL_OPTIONS])
+def test_model_options_match_reference(name, options, shape, dtype, backend):
+    """Shared experts (gated or not), Switch's jitter and per-sequence capacity, both capacities, GPT-OSS's
+    biases and clamped interleaved SwiGLU: the fast layer against the float64 reference, in training."""
+    skip_unless_runnable(backend, dtype)
+    if options.get("expert_bias") and backend == "triton":
+        pytest.skip("backend 'triton' takes no expert biases yet (it says so: test_functional)")
+    torch.manual_seed(zlib.crc32(name.encode()))
+    layers = layer_triplet(dtype, backend=backend, d_model=12, d_ff=10, num_experts=6, **options)
+    device = device_for(backend)
+    assert_layer_matches(*[layer.to(device) for layer in layers], torch.randn(*shape, 12), dtype)
+
+
+@pytest.mark.parametrize("name,options,shape", MODEL_OPTIONS, ids=[case[0] for case in MODEL_OPTIONS])
+def test_model_options_gradcheck_float64(name, options, shape):
+    """fast_mode: gradcheck on random projections of the Jacobian (the full one takes minutes here)."""
+    torch.manual_seed(zlib.crc32(name.encode()))
+    layer = moe_kernels.MoE(6, 5, 6, backend="torch", aux_loss_mode="manual", **options)
+    layer = randomize_(layer).double()
+    x = torch.randn(*shape, 6, dtype=torch.float64, requires_grad=True)
+
+    def forward(x, *_):
+        torch.manual_seed(0)
+        return layer(x), layer.aux_loss
+
+    assert torch.autograd.gradcheck(forward, (x, *layer.parameters()), fast_mode=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("router", ["topk", "noisy_topk"])
 def test_eval_mode_matches_reference(router, backend):
@@ -140,7 +181,7 @@ def test_gradcheck_float64(router, capacity_factor):
         torch.manual_seed(0)
         return layer(x), layer.aux_loss
 
-    assert torch.autograd.gradcheck(forward, (x,) + parameters)
+    assert torch.autograd.gradcheck(forward, (x,) + parameters, fast_mode=True)  # the full Jacobian: minutes in CI
 
 
 def test_noise_is_the_first_random_draw():
