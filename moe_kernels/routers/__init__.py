@@ -31,6 +31,7 @@ How to add a router
 from __future__ import annotations
 
 from .base import Router, Routing, top_k
+from .deepseek import DeepSeek
 from .expert_choice import ExpertChoice
 from .noisy_topk import NoisyTopK
 from .softmax_topk import SoftmaxTopK
@@ -41,6 +42,7 @@ ROUTERS: dict[str, type[Router]] = {
     "noisy_topk": NoisyTopK,
     "switch": Switch,
     "expert_choice": ExpertChoice,
+    "deepseek": DeepSeek,
 }
 
 
