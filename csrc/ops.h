@@ -29,6 +29,32 @@ PermuteOutputs permute_cpu(const at::Tensor& experts, int64_t num_experts, std::
 PermuteOutputs permute_cuda(const at::Tensor& experts, int64_t num_experts, std::optional<int64_t> capacity,
                             int64_t block_m);
 
+// The CPU expert path (csrc/cpu/expert_up.cpp, expert_down_combine.cpp); semantics: Backend.expert_up and
+// Backend.expert_down_combine of moe_kernels/pipeline.py, the activation's fields of activations.Activation.
+// (hidden [R, d_ff], pre_activation [R, N] when keep_pre_activation, else [0, N]).
+std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
+    const at::Tensor& x, const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
+    const at::Tensor& sorted_assignments, std::string_view function, bool gated, double alpha,
+    std::optional<double> limit, double up_offset, bool interleaved, bool keep_pre_activation);
+// (grad_x [T, d], grad_up_weight [E, N, d], grad_up_bias [E, N], or [0] without up_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
+    const at::Tensor& grad_hidden, const at::Tensor& x, const at::Tensor& up_weight,
+    const std::optional<at::Tensor>& up_bias, const at::Tensor& pre_activation, const at::Tensor& tokens_per_expert,
+    const at::Tensor& expert_offsets, const at::Tensor& sorted_rows, const at::Tensor& sorted_assignments,
+    std::string_view function, bool gated, double alpha, std::optional<double> limit, double up_offset,
+    bool interleaved);
+// y [T, d] in hidden's dtype.
+at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& down_weight,
+                                   const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert,
+                                   const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
+                                   const at::Tensor& sorted_assignments, const at::Tensor& weights);
+// (grad_hidden [R, d_ff], grad_down_weight [E, d, d_ff], grad_down_bias [E, d] or [0], grad_weights [T, S]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combine_backward(
+    const at::Tensor& grad_y, const at::Tensor& hidden, const at::Tensor& down_weight,
+    const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets,
+    const at::Tensor& sorted_rows, const at::Tensor& sorted_assignments, const at::Tensor& weights);
+
 // The router kind, after checking every gating argument; errors name the argument and its value.
 inline RouterKind check_gating_args(const at::Tensor& logits, const std::optional<at::Tensor>& noise_logits,
                                     const std::optional<at::Tensor>& noise, std::string_view router,

@@ -145,13 +145,31 @@ def _permute_native_on_cpu(experts: Tensor, num_experts: int, capacity: int | No
     return permute(experts, num_experts, capacity)
 
 
-class TorchBackend:
-    """The stage functions above as a pipeline Backend; routing and permutation by the native CPU ops when built.
+def _expert_up_native_on_cpu(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation,
+                             activation: Activation) -> Tensor:
+    """expert_up(), by the C++ CPU expert path when it is built and x is on the CPU."""
+    if native.has_cpu_ops() and x.device.type == "cpu":
+        return native.expert_up(x, up_weight, up_bias, permutation, activation)
+    return expert_up(x, up_weight, up_bias, permutation, activation)
 
-    The module-level route() and permute() stay pure PyTorch: they are the reference the kernels are tested on.
+
+def _expert_down_combine_native_on_cpu(hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None,
+                                       permutation: Permutation, weights: Tensor) -> Tensor:
+    """expert_down_combine(), by the C++ CPU expert path when it is built and hidden is on the CPU."""
+    if native.has_cpu_ops() and hidden.device.type == "cpu":
+        return native.expert_down_combine(hidden, down_weight, down_bias, permutation, weights)
+    return expert_down_combine(hidden, down_weight, down_bias, permutation, weights)
+
+
+class TorchBackend:
+    """The stage functions above as a pipeline Backend; on the CPU, when moe_kernels._C is built, the
+    permutation and the experts run as its C++ ops (routing by the native op where no gradient is needed).
+
+    The module-level functions stay pure PyTorch: the path without the extension, and the reference the
+    kernels are tested on.
     """
 
     route = staticmethod(_route_native_on_cpu)
     permute = staticmethod(_permute_native_on_cpu)
-    expert_up = staticmethod(expert_up)
-    expert_down_combine = staticmethod(expert_down_combine)
+    expert_up = staticmethod(_expert_up_native_on_cpu)
+    expert_down_combine = staticmethod(_expert_down_combine_native_on_cpu)
