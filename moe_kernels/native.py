@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .activations import Activation
 from .pipeline import Permutation, RouterConfig, num_sorted_rows
@@ -89,6 +90,21 @@ if _C is not None:
 # Autograd lives here, over the C++ backward ops; the forward of expert_up keeps the pre-activation
 # ([R, N] in x's dtype) only when a gradient will be asked for, and the backward reads it instead of
 # recomputing GEMM 1 (a third of the backward's GEMM work on a CPU, for k·N·itemsize bytes per token).
+
+
+def runs_experts(*tensors: Tensor | None) -> bool:
+    """Whether the C++ expert ops take this call: built, CPU tensors, and no forward-mode AD.
+
+    They have no forward-mode formula: under torch.func transforms (jvp, and vmap, which they cannot batch)
+    and inside a forward_ad.dual_level with dual inputs, the PyTorch stages run instead, which have.
+    """
+    if _C is None or tensors[0].device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return forward_ad._current_level < 0 or all(t is None or forward_ad.unpack_dual(t).tangent is None for t in tensors)
 
 
 def _activation_fields(activation: Activation) -> tuple:

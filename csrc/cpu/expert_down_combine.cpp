@@ -76,7 +76,7 @@ at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& d
     const scalar_t* row_data = rows.const_data_ptr<scalar_t>();
     const opmath_t* weight_data = weights.const_data_ptr<opmath_t>();
     opmath_t* y_data = y_sum.data_ptr<opmath_t>();
-    at::parallel_for(0, num_slices, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(num_slices, [&](int64_t begin, int64_t end) {
       at::Tensor product = at::empty({cpu::kTileRows, cpu::kSliceColumns}, hidden.options());
       for (int64_t slice = begin; slice < end; ++slice) {
         const int64_t first = slice * cpu::kSliceColumns, width = std::min(cpu::kSliceColumns, d - first);
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
     // 1. u = dy[token]·W_e per row tile; d(hidden) = gate·u, d(gate) = <u, hidden> + <dy, bias_e>.
     scalar_t* grad_hidden_data = grad_hidden.data_ptr<scalar_t>();
     opmath_t* grad_weight_data = grad_weights.data_ptr<opmath_t>();
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
       at::Tensor gathered = at::empty({cpu::kTileRows, d}, hidden.options());
       at::Tensor product = at::empty({cpu::kTileRows, d_ff}, hidden.options());
       std::vector<opmath_t> bias(down_bias.has_value() ? d : 0, opmath_t(0));
@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
     });
 
     // 2. d(W_e)[slice] = (gate·dy[tokens of e])[slice]ᵀ · hidden[rows of e]; d(bias_e)[slice] = Σ gate·dy.
-    at::parallel_for(0, static_cast<int64_t>(weight_items.size()), 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const auto [e, first, last] = weight_items[item];
         const int64_t start = layout.expert_offsets[e], count = layout.tokens_per_expert[e], width = last - first;

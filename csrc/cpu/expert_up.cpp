@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
     const int64_t token_stride = tokens.stride(0);
     scalar_t* hidden_data = hidden.data_ptr<scalar_t>();
     scalar_t* kept_data = keep_pre_activation ? pre_activation.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
       at::Tensor gathered = at::empty({cpu::kTileRows, d}, x.options());
       at::Tensor scratch = keep_pre_activation ? at::Tensor() : at::empty({cpu::kTileRows, n_up}, x.options());
       std::vector<opmath_t> gate(d_ff), up(gated ? d_ff : 0), bias(n_up, opmath_t(0));
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* grad_pre_data = grad_pre.data_ptr<scalar_t>();
     // 1. grad_pre = the activation's backward, row by row.
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> gate(d_ff), up(gated ? d_ff : 0), grad(d_ff), grad_gate(d_ff), grad_up(gated ? d_ff : 0);
       for (int64_t item = begin; item < end; ++item) {
         for (int64_t r = tiles[item].begin; r < tiles[item].end; ++r) {
@@ -195,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
 
     // 2. dx[t] = sum over t's rows of grad_pre[row] · up_weight[e], by column slices of d.
     opmath_t* grad_x_data = grad_x_sum.data_ptr<opmath_t>();
-    at::parallel_for(0, num_slices, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(num_slices, [&](int64_t begin, int64_t end) {
       at::Tensor product = at::empty({cpu::kTileRows, cpu::kSliceColumns}, x.options());
       for (int64_t slice = begin; slice < end; ++slice) {
         const int64_t first = slice * cpu::kSliceColumns, width = std::min(cpu::kSliceColumns, d - first);
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
 
     // 3. grad_up_weight[e] = grad_pre[rows of e]ᵀ · x[tokens of e], grad_up_bias[e] = Σ grad_pre[rows of e].
     const scalar_t* token_data = tokens.const_data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(weight_items.size()), 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const auto [e, first, last] = weight_items[item];
         const int64_t start = layout.expert_offsets[e], rows = layout.tokens_per_expert[e], width = last - first;

@@ -8,7 +8,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
@@ -16,6 +18,34 @@
 #include <vector>
 
 namespace moe_kernels::cpu {
+
+#if AT_MKL_ENABLED()
+extern "C" int MKL_Set_Num_Threads_Local(int num_threads);  // exported by libtorch_cpu, which links MKL
+#endif
+
+// While alive, BLAS calls of this thread run on one thread. MKL splits a GEMM differently for different
+// thread counts (a 10-row product comes out different in its last rows with 1 and 2 threads), and inside
+// a parallel region it still partitions by the global count: each work item's GEMMs run single-threaded,
+// the same way whatever the thread count, and the parallelism is ours.
+class SingleThreadedBlas {
+ public:
+#if AT_MKL_ENABLED()
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local(1)) {}
+  ~SingleThreadedBlas() { MKL_Set_Num_Threads_Local(previous_); }
+
+ private:
+  int previous_;
+#endif
+};
+
+// at::parallel_for over [0, count) items, each thread's BLAS single-threaded (see SingleThreadedBlas).
+template <typename F>
+void parallel_items(int64_t count, const F& body) {
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded;
+    body(begin, end);
+  });
+}
 
 // Rows per GEMM tile of one expert, and output columns per slice of the scatter-GEMMs (combine, dx) and
 // of the weight gradients. Fixed numbers: a tile's shape must not depend on the thread count (see above).
