@@ -64,7 +64,9 @@ def _cmdclass():
 
 
 setup(
-    name="moe_kernels",
+    # "moe-kernels" (= "moe_kernels" once PyPI normalises it) is an unrelated project's distribution; the
+    # import name stays moe_kernels.
+    name="fused-moe-kernels",
     version="0.1.0",
     description="Fused Triton/CUDA kernels for Mixture-of-Experts layers",
     packages=find_packages(include=["moe_kernels", "moe_kernels.*"]),

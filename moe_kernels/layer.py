@@ -25,6 +25,12 @@ class MoE(MoEBase):
     @classmethod
     def from_reference(cls, reference: ReferenceMoE, backend: str = "auto") -> "MoE":
         """A fast layer that shares the reference's very Parameter objects (no copy)."""
+        if not isinstance(reference, MoEBase):
+            raise TypeError(
+                f"MoE.from_reference takes a moe_kernels layer (moe_kernels.reference.MoE), got "
+                f"{type(reference).__name__}; for a Hugging Face model, register moe_kernels as its experts "
+                f"implementation (moe_kernels.integrations.transformers.register())"
+            )
         fast = cls(**reference.constructor_arguments(), backend=backend, device="meta")
         fast.gate = reference.gate
         fast.experts = reference.experts

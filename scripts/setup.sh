@@ -21,5 +21,12 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     pip_install "${missing[@]}"
 fi
+# transformers, for the tests of moe_kernels.integrations.transformers (moe_kernels never imports it): pinned,
+# as the ExpertsInterface it plugs into is young; its requirements do not include torch. Without a network (the
+# GPU machine) it stays missing and those tests skip.
+TRANSFORMERS_VERSION=5.23.0
+if ! "$PYTHON" -c "import sys, transformers; sys.exit(transformers.__version__ != '$TRANSFORMERS_VERSION')" 2>/dev/null; then
+    pip_install "transformers==$TRANSFORMERS_VERSION" || echo "transformers==$TRANSFORMERS_VERSION not installed: its tests skip"
+fi
 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation --no-deps -e .
 "$PYTHON" -c "import moe_kernels; print('moe_kernels backends:', ', '.join(moe_kernels.available_backends()))"

@@ -110,6 +110,16 @@ def _row_experts(permutation: Permutation, num_rows: int) -> Tensor:
     return torch.searchsorted(permutation.expert_offsets[1:], rows, right=True).clamp(max=num_experts - 1)
 
 
+def _bias_rows(bias: Tensor, permutation: Permutation, num_rows: int, dtype: torch.dtype) -> Tensor:
+    """bias[expert of row] for every sorted row: [R, n] in ``dtype``.
+
+    Gathered in float32 (float64 stays float64): the gradient of the gather sums each expert's rows, and in a
+    16-bit dtype that sum would round at every addition (3× HF eager's error on GPT-OSS's bf16 down_proj_bias).
+    """
+    wide = torch.promote_types(bias.dtype, torch.float32)
+    return bias.to(wide)[_row_experts(permutation, num_rows)].to(dtype)
+
+
 def expert_up(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation) -> Tensor:
     num_tokens, k = permutation.sorted_rows.shape
     assignments = permutation.sorted_assignments
@@ -123,7 +133,7 @@ def expert_up(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation:
     # The experts compute in x's dtype (a no-op when the parameters already have it).
     pre_activation = grouped_matmul(rows, up_weight.to(x.dtype), permutation)
     if up_bias is not None:
-        pre_activation = pre_activation + up_bias.to(x.dtype)[_row_experts(permutation, assignments.shape[0])]
+        pre_activation = pre_activation + _bias_rows(up_bias, permutation, assignments.shape[0], x.dtype)
     return activate(pre_activation, activation)
 
 
@@ -132,7 +142,7 @@ def expert_down_combine(
 ) -> Tensor:
     expert_outputs = grouped_matmul(hidden, down_weight.to(hidden.dtype), permutation)
     if down_bias is not None:
-        expert_outputs = expert_outputs + down_bias.to(hidden.dtype)[_row_experts(permutation, hidden.shape[0])]
+        expert_outputs = expert_outputs + _bias_rows(down_bias, permutation, hidden.shape[0], hidden.dtype)
     # A dropped slot reads an appended zero row: it must not pick up another token's row, whose NaN would
     # come back through the product's backward into its gate weight (NaN·0) and so into every token's dx.
     outputs_and_zero_row = torch.cat([expert_outputs, expert_outputs.new_zeros(1, expert_outputs.shape[1])])
