@@ -33,7 +33,7 @@ from . import configs as bench_configs
 from .contenders import CONTENDERS, Prepared, Unavailable
 from .inputs import build_reference, make_tokens, rotate, routing_statistics
 from .metrics import dense_equivalent, expert_flops, min_bytes_moved, tflops
-from .report import environment, progress, table, write_json
+from .report import environment, progress, summary, table, write_json
 from .timing import peak_memory_bytes, time_call, time_cpu_side_by_side
 
 FLOAT64_REFERENCE_LIMIT_BYTES = 2 << 30
@@ -229,12 +229,12 @@ def main(argv=None) -> Path:
             del layer, reference64
         write_json(stem.with_suffix(".json"), meta, rows)  # after each config: a killed run keeps what it did
     bar.close()
-    text = table(rows)
-    stem.with_suffix(".txt").write_text(_preamble(meta) + text + "\n")
-    print(text)
+    stem.with_suffix(".txt").write_text(_preamble(meta) + table(rows) + "\n")
     from .plot import plot
 
-    print(plot(stem.with_suffix(".json")))
+    plotted = plot(stem.with_suffix(".json"))
+    print(summary(rows, meta))
+    print(f"\nfull table: {stem.with_suffix('.txt')}\njson:       {stem.with_suffix('.json')}\n{plotted}")
     return stem.with_suffix(".json")
 
 

@@ -69,6 +69,7 @@ at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& d
   const at::Tensor rows = cpu::unit_stride_rows(hidden);
   at::Tensor y_sum = at::zeros({layout.num_tokens, d}, hidden.options().dtype(weights.scalar_type()));
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
+  const int64_t scratch_rows = cpu::tile_rows(tiles);
   const int64_t num_slices = (d + cpu::kSliceColumns - 1) / cpu::kSliceColumns;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_down_combine", [&] {
@@ -77,7 +78,7 @@ at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& d
     const opmath_t* weight_data = weights.const_data_ptr<opmath_t>();
     opmath_t* y_data = y_sum.data_ptr<opmath_t>();
     cpu::parallel_items(num_slices, [&](int64_t begin, int64_t end) {
-      at::Tensor product = at::empty({cpu::kTileRows, cpu::kSliceColumns}, hidden.options());
+      at::Tensor product = at::empty({scratch_rows, cpu::kSliceColumns}, hidden.options());
       for (int64_t slice = begin; slice < end; ++slice) {
         const int64_t first = slice * cpu::kSliceColumns, width = std::min(cpu::kSliceColumns, d - first);
         std::vector<opmath_t> bias(width, opmath_t(0));
@@ -126,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
   at::Tensor grad_down_bias = down_bias.has_value() ? at::empty(down_bias->sizes(), down_bias->options())
                                                     : at::empty({0}, hidden.options());
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
+  const int64_t scratch_rows = cpu::tile_rows(tiles);
   const std::vector<cpu::RowTile> weight_items = cpu::expert_slices(layout, d);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_down_combine_backward", [&] {
@@ -144,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
     scalar_t* grad_hidden_data = grad_hidden.data_ptr<scalar_t>();
     opmath_t* grad_weight_data = grad_weights.data_ptr<opmath_t>();
     cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
-      at::Tensor gathered = at::empty({cpu::kTileRows, d}, hidden.options());
-      at::Tensor product = at::empty({cpu::kTileRows, d_ff}, hidden.options());
+      at::Tensor gathered = at::empty({scratch_rows, d}, hidden.options());
+      at::Tensor product = at::empty({scratch_rows, d_ff}, hidden.options());
       std::vector<opmath_t> bias(down_bias.has_value() ? d : 0, opmath_t(0));
       for (int64_t item = begin; item < end; ++item) {
         const cpu::RowTile& tile = tiles[item];

@@ -85,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
   cpu::zero_padding_rows(layout, hidden);
   if (keep_pre_activation) cpu::zero_padding_rows(layout, pre_activation);
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
+  const int64_t scratch_rows = cpu::tile_rows(tiles);
   const GateUpColumns columns{gated, interleaved, d_ff};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_up", [&] {
@@ -94,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
     scalar_t* hidden_data = hidden.data_ptr<scalar_t>();
     scalar_t* kept_data = keep_pre_activation ? pre_activation.data_ptr<scalar_t>() : nullptr;
     cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
-      at::Tensor gathered = at::empty({cpu::kTileRows, d}, x.options());
-      at::Tensor scratch = keep_pre_activation ? at::Tensor() : at::empty({cpu::kTileRows, n_up}, x.options());
+      at::Tensor gathered = at::empty({scratch_rows, d}, x.options());
+      at::Tensor scratch = keep_pre_activation ? at::Tensor() : at::empty({scratch_rows, n_up}, x.options());
       std::vector<opmath_t> gate(d_ff), up(gated ? d_ff : 0), bias(n_up, opmath_t(0));
       for (int64_t item = begin; item < end; ++item) {
         const cpu::RowTile& tile = tiles[item];
@@ -164,6 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
   at::Tensor grad_up_weight = at::empty(up_weight.sizes(), up_weight.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_up_bias = up_bias.has_value() ? at::empty(up_bias->sizes(), up_bias->options()) : at::empty({0}, x.options());
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
+  const int64_t scratch_rows = cpu::tile_rows(tiles);
   const std::vector<cpu::RowTile> weight_items = cpu::expert_slices(layout, n_up);
   const int64_t num_slices = (d + cpu::kSliceColumns - 1) / cpu::kSliceColumns;
   const GateUpColumns columns{gated, interleaved, d_ff};
@@ -196,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
     // 2. dx[t] = sum over t's rows of grad_pre[row] · up_weight[e], by column slices of d.
     opmath_t* grad_x_data = grad_x_sum.data_ptr<opmath_t>();
     cpu::parallel_items(num_slices, [&](int64_t begin, int64_t end) {
-      at::Tensor product = at::empty({cpu::kTileRows, cpu::kSliceColumns}, x.options());
+      at::Tensor product = at::empty({scratch_rows, cpu::kSliceColumns}, x.options());
       for (int64_t slice = begin; slice < end; ++slice) {
         const int64_t first = slice * cpu::kSliceColumns, width = std::min(cpu::kSliceColumns, d - first);
         for (const cpu::RowTile& tile : tiles) {

@@ -120,6 +120,14 @@ inline std::vector<RowTile> row_tiles(const Layout& layout) {
   return tiles;
 }
 
+// Rows of the largest tile: what a work item's scratch needs (never more than kTileRows; 1 at T = 1, so a
+// decode step allocates no 128-row buffers).
+inline int64_t tile_rows(const std::vector<RowTile>& tiles) {
+  int64_t rows = 0;
+  for (const RowTile& tile : tiles) rows = std::max(rows, tile.end - tile.begin);
+  return rows;
+}
+
 // (expert, column slice [begin, end) of `width`) for every expert that has rows: the items of the
 // weight-gradient loops.
 inline std::vector<RowTile> expert_slices(const Layout& layout, int64_t width) {
