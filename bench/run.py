@@ -192,12 +192,12 @@ def _token_counts(args) -> tuple[int, ...]:
     return bench_configs.CPU_TOKENS_FULL if args.full else bench_configs.CPU_TOKENS
 
 
-def _default_name(device) -> str:
+def _default_name(device, threads: int) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     if device.type == "cuda":
         words = torch.cuda.get_device_name(device).split()  # "NVIDIA H100 80GB HBM3" → "h100"
         return f"{next((w for w in words if any(c.isdigit() for c in w)), words[-1]).lower()}-{date}"
-    return f"cpu-{os.cpu_count()}core-{date}"
+    return f"cpu-{os.cpu_count()}core-{threads}thread-{date}"
 
 
 def main(argv=None) -> Path:
@@ -209,7 +209,7 @@ def main(argv=None) -> Path:
     layer_configs = bench_configs.select(bench_configs.GPU_CONFIGS if device.type == "cuda" else bench_configs.CPU_CONFIGS, args.configs)
     token_counts = _token_counts(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (args.name or _default_name(device))
+    stem = args.out / (args.name or _default_name(device, torch.get_num_threads()))
     meta = {**environment(device, dtype), "tokens": token_counts, "threads": torch.get_num_threads(), "contenders": [c.name for c in CONTENDERS],
             "configs": [{**c.layer_arguments(), "name": c.name, "source": c.source,
                          "triton_saved_bytes_per_token": saved_bytes_per_token(c.k, c.d_ff, dtype.itemsize)} for c in layer_configs],
