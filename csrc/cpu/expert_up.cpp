@@ -5,14 +5,15 @@
 // Forward, one parallel loop over (expert, row tile) for the experts that received rows: gather the
 // tile's tokens, one BLAS GEMM with the expert's weight, bias and activation row by row into hidden.
 // The pre-activation is written to a [R, N] output only when the caller keeps it for backward.
-// Backward, three loops: the activation's backward per row tile into grad_pre [R, N]; dx by column
-// slices of d (each slice sums every row of a token into it, experts in order, rows in order); the
-// weight and bias gradients by (expert, slice of N), each one GEMM over all of the expert's rows.
+// Backward: the activation's backward per row tile into grad_pre [R, N]; per row tile one GEMM for the
+// dx rows, then each token sums its rows in slot order; the weight and bias gradients per expert (or
+// slice of N, with few experts), each one GEMM over all of the expert's rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
@@ -162,12 +163,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
   const at::ScalarType opmath_dtype = at::toOpMathType(dtype);
   at::Tensor grad_pre = at::empty({layout.num_rows, n_up}, x.options());
   at::Tensor grad_x_sum = at::zeros({layout.num_tokens, d}, x.options().dtype(opmath_dtype));
+  at::Tensor row_dx = at::empty({layout.num_rows, d}, x.options().dtype(opmath_dtype));
   at::Tensor grad_up_weight = at::empty(up_weight.sizes(), up_weight.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_up_bias = up_bias.has_value() ? at::empty(up_bias->sizes(), up_bias->options()) : at::empty({0}, x.options());
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
   const std::vector<cpu::RowTile> weight_items = cpu::expert_slices(layout, n_up);
-  const int64_t num_slices = (d + cpu::kSliceColumns - 1) / cpu::kSliceColumns;
   const GateUpColumns columns{gated, interleaved, d_ff};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_up_backward", [&] {
@@ -195,24 +196,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
       }
     });
 
-    // 2. dx[t] = sum over t's rows of grad_pre[row] · up_weight[e], by column slices of d.
+    // 2. dx rows = grad_pre[row] · up_weight[e], one GEMM per row tile into an [R, d] opmath buffer; then
+    //    dx[t] = the sum of t's rows in slot order, token by token.
+    opmath_t* row_dx_data = row_dx.data_ptr<opmath_t>();
+    cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
+      at::Tensor product = std::is_same_v<scalar_t, opmath_t> ? at::Tensor() : at::empty({scratch_rows, d}, x.options());
+      for (int64_t item = begin; item < end; ++item) {
+        const cpu::RowTile& tile = tiles[item];
+        const int64_t rows = tile.end - tile.begin;
+        const at::Tensor weight = cpu::expert_matrix(up_weight, tile.expert, dtype);  // [N, d]
+        scalar_t* out_data = std::is_same_v<scalar_t, opmath_t> ? reinterpret_cast<scalar_t*>(row_dx_data + tile.begin * d)
+                                                                 : product.data_ptr<scalar_t>();
+        at::Tensor out = cpu::matrix(out_data, rows, d, d, 1, dtype);
+        at::mm_out(out, cpu::matrix(grad_pre_data + tile.begin * n_up, rows, n_up, n_up, 1, dtype), weight);
+        if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
+          for (int64_t i = 0; i < rows * d; ++i) row_dx_data[tile.begin * d + i] = static_cast<opmath_t>(out_data[i]);
+        }
+      }
+    });
     opmath_t* grad_x_data = grad_x_sum.data_ptr<opmath_t>();
-    cpu::parallel_items(num_slices, [&](int64_t begin, int64_t end) {
-      at::Tensor product = at::empty({scratch_rows, cpu::kSliceColumns}, x.options());
-      for (int64_t slice = begin; slice < end; ++slice) {
-        const int64_t first = slice * cpu::kSliceColumns, width = std::min(cpu::kSliceColumns, d - first);
-        for (const cpu::RowTile& tile : tiles) {
-          const int64_t rows = tile.end - tile.begin;
-          const at::Tensor weight = cpu::expert_matrix(up_weight, tile.expert, dtype);  // [N, d]
-          at::Tensor out = cpu::matrix(product.data_ptr<scalar_t>(), rows, width, width, 1, dtype);
-          at::mm_out(out, cpu::matrix(grad_pre_data + tile.begin * n_up, rows, n_up, n_up, 1, dtype),
-                     cpu::matrix(weight.const_data_ptr<scalar_t>() + first * weight.stride(1), n_up, width,
-                                 weight.stride(0), weight.stride(1), dtype));
-          const scalar_t* product_data = product.const_data_ptr<scalar_t>();
-          for (int64_t i = 0; i < rows; ++i) {
-            opmath_t* sum = grad_x_data + layout.token_of_row(tile.begin + i) * d + first;
-            for (int64_t j = 0; j < width; ++j) sum[j] += static_cast<opmath_t>(product_data[i * width + j]);
-          }
+    at::parallel_for(0, layout.num_tokens, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        opmath_t* sum = grad_x_data + t * d;
+        for (int64_t s = 0; s < layout.num_slots; ++s) {
+          const int64_t row = layout.sorted_rows[t * layout.num_slots + s];
+          if (row < 0) continue;
+          const opmath_t* value = row_dx_data + row * d;
+          for (int64_t j = 0; j < d; ++j) sum[j] += value[j];
         }
       }
     });

@@ -100,6 +100,10 @@ inline Layout check_layout(std::string_view op, const at::Tensor& tokens_per_exp
                   num_assignments, ") inside expert ", e, "'s rows");
     }
   }
+  for (int64_t a = 0; a < num_assignments; ++a) {
+    TORCH_CHECK(layout.sorted_rows[a] >= -1 && layout.sorted_rows[a] < layout.num_rows, op, ": sorted_rows holds ",
+                layout.sorted_rows[a], " at assignment ", a, ", outside [-1, R=", layout.num_rows, ")");
+  }
   return layout;
 }
 
@@ -128,13 +132,19 @@ inline int64_t tile_rows(const std::vector<RowTile>& tiles) {
   return rows;
 }
 
-// (expert, column slice [begin, end) of `width`) for every expert that has rows: the items of the
-// weight-gradient loops.
+// Experts at or above which a weight gradient is one item per expert: enough items to share among threads,
+// and half the GEMM calls of slicing (which matter when each expert has a handful of rows).
+constexpr int64_t kWholeExpertItems = 8;
+
+// The items of the weight-gradient loops: (expert, slice [begin, end) of the gradient's `width` rows) for
+// every expert that has rows; the whole width per expert from kWholeExpertItems experts on (a rule on the
+// shape, never on the thread count).
 inline std::vector<RowTile> expert_slices(const Layout& layout, int64_t width) {
+  const int64_t slice = layout.num_experts >= kWholeExpertItems ? width : kSliceColumns;
   std::vector<RowTile> items;
   for (int64_t e = 0; e < layout.num_experts; ++e) {
     if (layout.tokens_per_expert[e] == 0) continue;
-    for (int64_t begin = 0; begin < width; begin += kSliceColumns) items.push_back({e, begin, std::min(width, begin + kSliceColumns)});
+    for (int64_t begin = 0; begin < width; begin += slice) items.push_back({e, begin, std::min(width, begin + slice)});
   }
   return items;
 }
