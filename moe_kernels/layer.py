@@ -1,6 +1,8 @@
 """The fast MoE layer: the reference's parameters and outputs, computed through the pipeline's backends."""
 from __future__ import annotations
 
+import warnings
+
 from torch import Tensor, nn
 
 from .backends import BACKENDS, resolve
@@ -53,9 +55,33 @@ def swap(module: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace every reference MoE in ``module`` by a fast one sharing its Parameters, in place.
 
     Returns ``module``, or the fast layer when ``module`` itself is a reference MoE (use the return value).
+    Never silently does nothing: a module that looks like an MoE block of a class swap does not know (children
+    ``experts`` and ``gate`` or ``router``) is left as it is with a warning naming its class, and a module with
+    no MoE layer at all gets a warning too.
     """
-    if isinstance(module, ReferenceMoE):
-        return MoE.from_reference(module, backend)
-    for name, child in module.named_children():
-        setattr(module, name, swap(child, backend))
+    layers: list[nn.Module] = []
+    unknown: list[type] = []
+    result = _swap(module, backend, layers, unknown)
+    for cls in dict.fromkeys(unknown):
+        warnings.warn(
+            f"moe_kernels.swap does not know {cls.__module__}.{cls.__qualname__} ({unknown.count(cls)} in "
+            f"{type(module).__name__}), which looks like an MoE block: left as it is. For a Hugging Face model, "
+            f"moe_kernels.integrations.transformers.register() runs its experts with moe_kernels",
+            stacklevel=2,
+        )
+    if not layers and not unknown:
+        warnings.warn(f"moe_kernels.swap found no MoE layer in {type(module).__name__}: nothing was replaced", stacklevel=2)
+    return result
+
+
+def _swap(module: nn.Module, backend: str, layers: list[nn.Module], unknown: list[type]) -> nn.Module:
+    if isinstance(module, MoEBase):
+        layers.append(module)
+        return MoE.from_reference(module, backend) if isinstance(module, ReferenceMoE) else module
+    children = dict(module.named_children())
+    if "experts" in children and ("gate" in children or "router" in children):
+        unknown.append(type(module))
+        return module
+    for name, child in children.items():
+        setattr(module, name, _swap(child, backend, layers, unknown))
     return module

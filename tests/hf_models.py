@@ -71,3 +71,53 @@ def build(family: str, experts_implementation: str = "eager", dtype=torch.float3
 def tokens(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def build_switch(dtype=torch.float32, seed: int = 0, **overrides):
+    """A tiny random SwitchTransformersForConditionalGeneration (encoder-decoder; its experts are not on
+    transformers' ExpertsInterface): every encoder layer sparse, every second decoder layer."""
+    arguments = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=4,
+                     num_experts=4, expert_capacity=3, encoder_sparse_step=1, decoder_sparse_step=2, dropout_rate=0.0,
+                     pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.SwitchTransformersForConditionalGeneration(
+        transformers.SwitchTransformersConfig(**{**arguments, **overrides}))
+    return model.to(dtype).train()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1e-30)).item()
+
+
+def train_step(model, ids) -> dict[str, torch.Tensor]:
+    """Forward with ``output_router_logits`` and one cross-entropy backward (plus the model's own aux losses).
+
+    Returns every tensor to compare, by name: logits, loss, each ``*_loss`` the model reports (aux, z), each
+    router-logits tensor it reports, and each parameter's gradient ("grad of <name>").
+    """
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    results = {"logits": out.logits.detach()}
+    for field, value in out.items():
+        if field.endswith("loss") and isinstance(value, torch.Tensor):
+            results[field] = value.detach()
+        elif field.endswith("router_logits") and value is not None:
+            tensors = [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+            results.update({f"{field}[{i}]": t.detach() for i, t in enumerate(tensors)})
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            results[f"grad of {name}"] = parameter.grad
+    return results
+
+
+def assert_matches(actual: dict, expected: dict, relative: float) -> None:
+    """The same names, and each tensor within ``relative`` (max |a − e| / max |e|) of the expected one."""
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        if value.is_floating_point():
+            error = relative_error(actual[name], value)
+            assert error <= relative, f"{name}: relative error {error:.3g} > {relative}"
+        else:
+            assert torch.equal(actual[name], value), name

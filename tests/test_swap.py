@@ -1,4 +1,5 @@
 """The one-line drop-in: swap() and from_reference() share Parameters and reproduce the reference."""
+import pytest
 import torch
 from torch import nn
 
@@ -58,3 +59,21 @@ def test_state_dict_has_hugging_face_names_and_loads_across_layers():
     torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-6)
     noisy = reference.MoE(8, 12, 4, router="noisy_topk", activation="relu")
     assert set(noisy.state_dict()) == {"gate.weight", "gate.noise_weight", "experts.up_proj", "experts.down_proj"}
+
+
+def test_swap_warns_when_it_finds_no_moe_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.warns(UserWarning, match="found no MoE layer in Sequential"):
+        assert moe_kernels.swap(model) is model
+
+
+def test_swap_names_an_unknown_block_that_looks_like_an_moe():
+    class OtherMoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.experts = nn.Linear(4, 2), nn.Linear(4, 4)
+
+    model = nn.Sequential(OtherMoE(), randomize_(reference.MoE(4, 6, 2, k=1)))
+    with pytest.warns(UserWarning, match="OtherMoE.*looks like an MoE block"):
+        moe_kernels.swap(model)
+    assert isinstance(model[1], moe_kernels.MoE) and type(model[0]).__name__ == "OtherMoE"
