@@ -85,8 +85,8 @@ GPU_CONFIGS = MODEL_CONFIGS
 CPU_CONFIGS = MAIN_JOB_CPU_CONFIGS + tuple(scaled_for_cpu(config) for config in MODEL_CONFIGS)
 
 GPU_TOKENS = (1, 64, 1024, 4096, 16384)
-CPU_TOKENS = (1, 64, 256)
-CPU_TOKENS_FULL = (1, 64, 256, 1024, 4096)
+CPU_TOKENS = (1, 16, 256)
+CPU_TOKENS_FULL = (1, 16, 64, 256, 1024, 4096)
 # --quick: the smallest useful grid, to check that everything runs.
 QUICK_TOKENS = (1, 64)
 

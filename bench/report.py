@@ -1,6 +1,6 @@
 """What a run leaves behind: a progress bar, the terminal table, the JSON file and the versions in it.
 
-Units in the table: busy% (the busiest expert's share of the T·k assignments), ms (median, and p20–p80 in brackets), speedup over the loop (×), TFLOP/s, % of a
+The summary (printed first by bench.run) and the table. Units in the table: busy% (the busiest expert's share of the T·k assignments), ms (median, and p20–p80 in brackets), speedup over the loop (×), TFLOP/s, % of a
 dense matmul of the same FLOPs, GB/s (forward only), peak memory in MiB (CUDA only), max abs error.
 """
 from __future__ import annotations
@@ -113,6 +113,77 @@ def table(rows: list[dict]) -> str:
         lines += ["", "Not measured (contender: status: reason [configs]):"]
         for (contender, status, reason), configs in not_run.items():
             lines.append(f"  {contender}: {status}: {reason} [{', '.join(sorted(configs))}]")
+    return "\n".join(lines)
+
+
+def _ours(rows: list[dict]) -> str | None:
+    """The ours:* contender that measured the most rows (ours:torch on the CPU, ours:triton on a GPU)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row["contender"].startswith("ours:") and row["status"] == "ok":
+            counts[row["contender"]] = counts.get(row["contender"], 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def summary(rows: list[dict], meta: dict) -> str:
+    """The ten-second read: per (config, T) and pass, ours against the loop and against the fastest peer
+    (the other contenders, transformers' implementations), the worst over routings; ours' max error; a
+    verdict line; and who was not measured, with the reason."""
+    ours = _ours(rows)
+    if ours is None:
+        return "summary: no ours:* contender was measured"
+    by_point: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        by_point.setdefault((row["config"], row["tokens"], row["routing"], row["pass"]), {})[row["contender"]] = row
+    cells: dict[tuple, dict] = {}  # (config, T) → {pass: (ms, x loop, x peer, peer), "err": max err}
+    slower: list[str] = []
+    wins = points = 0
+    for (config, tokens, routing, pass_name), contenders in by_point.items():
+        mine = contenders.get(ours)
+        if mine is None or mine["status"] != "ok":
+            continue
+        cell = cells.setdefault((config, tokens), {"err": None})
+        if mine["max_abs_err"] is not None:
+            cell["err"] = max(cell["err"] or 0.0, mine["max_abs_err"])
+        loop = contenders.get("loop")
+        versus_loop = loop["median_ms"] / mine["median_ms"] if loop and loop["status"] == "ok" else None
+        peers = [row for name, row in contenders.items()
+                 if name != "loop" and not name.startswith("ours:") and row["status"] == "ok"]
+        best = min(peers, key=lambda row: row["median_ms"], default=None)
+        versus_peer = best["median_ms"] / mine["median_ms"] if best else None
+        if best:
+            points += 1
+            wins += versus_peer > 1
+            if versus_peer <= 1:
+                slower.append(f"{config} T={tokens} {routing} {pass_name} ({versus_peer:.2f}x {best['contender']})")
+        previous = cell.get(pass_name)
+        if previous is None or (versus_peer or float("inf")) < (previous[2] or float("inf")):  # keep the worst routing
+            cell[pass_name] = (mine["median_ms"], versus_loop, versus_peer, best["contender"] if best else "")
+
+    def ratio(value) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    routings = sorted({row["routing"] for row in rows})
+    lines = [
+        f"SUMMARY  {ours} vs the naive loop and vs the fastest peer (transformers' experts implementations)",
+        f"{meta['device']}, {meta['dtype']}, {meta['threads']} thread(s), torch {meta['torch']}, transformers "
+        f"{meta['transformers']}; x = their median time / ours (> 1: ours faster); worst of routings {', '.join(routings)}",
+        f"{'config':<20} {'T':>5} | {'fwd ms':>8} {'x loop':>7} {'x peer':>7} {'(peer)':<15} | "
+        f"{'fwd+bwd ms':>10} {'x loop':>7} {'x peer':>7} {'(peer)':<15} | {'max err':>8}",
+    ]
+    for (config, tokens), cell in cells.items():  # the run's order: config, then T
+        parts = []
+        for pass_name, width in (("fwd", 8), ("fwd+bwd", 10)):
+            ms, versus_loop, versus_peer, peer = cell.get(pass_name, (None, None, None, ""))
+            parts.append(f"{'-' if ms is None else f'{ms:.3g}':>{width}} {ratio(versus_loop):>7} {ratio(versus_peer):>7} {peer:<15}")
+        error = "-" if cell["err"] is None else f"{cell['err']:.1e}"
+        lines.append(f"{config:<20} {tokens:>5} | {parts[0]} | {parts[1]} | {error:>8}")
+    lines.append(f"Faster than every peer on {wins} of {points} (config, routing, T, pass) points"
+                 + (": slower on " + "; ".join(slower) if slower else "."))
+    missing = sorted({(row["contender"], row["status"], row["reason"]) for row in rows
+                      if row["status"] in ("missing", "failed")})
+    for contender, status, reason in missing:
+        lines.append(f"  {contender} {status}: {reason[:150]}")
     return "\n".join(lines)
 
 

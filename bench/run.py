@@ -7,7 +7,9 @@
 Writes ``<out>/<device>-<date>.json`` (every measurement, versions), ``.txt`` (the table) and, when
 matplotlib is installed, ``.png`` (speedup over the loop vs tokens, from the JSON; bench/plot.py).
 
-Per (layer, routing, T) all contenders run on the same layer Parameters and the same rotated inputs.
+Per (layer, routing, T) all contenders run on the same layer Parameters and the same rotated inputs; on
+the CPU they are timed side by side, taking turns call by call (bench/timing.py), so that a busy
+neighbour slows all of them alike.
 Forward timings run under no_grad; forward+backward times one forward and ``torch.autograd.grad`` for
 the input and every Parameter. Layers are in eval mode (noisy top-k draws no noise; capacity applies).
 Max error: a contender's forward (run dtype) against the loop in float64 on the CPU where the layer's
@@ -31,8 +33,8 @@ from . import configs as bench_configs
 from .contenders import CONTENDERS, Prepared, Unavailable
 from .inputs import build_reference, make_tokens, rotate, routing_statistics
 from .metrics import dense_equivalent, expert_flops, min_bytes_moved, tflops
-from .report import environment, progress, table, write_json
-from .timing import peak_memory_bytes, time_call
+from .report import environment, progress, summary, table, write_json
+from .timing import peak_memory_bytes, time_call, time_cpu_side_by_side
 
 FLOAT64_REFERENCE_LIMIT_BYTES = 2 << 30
 ERROR_MAX_TOKENS = 1024
@@ -92,49 +94,66 @@ def measure_point(config, routing_mode, num_tokens, layer, reference64, device, 
         dense_tflops = tflops(expert_flops(config, num_tokens, backward=False), dense_ms)
     element_size = torch.finfo(dtype).bits // 8
 
-    rows = []
+    rows, prepared = [], {}
     for contender in CONTENDERS:
-        status, reason, prepared = "ok", "", None
+        status, reason = "ok", ""
         try:
-            prepared = contender.prepare(layer, config, num_tokens)  # cheap: says "missing" even past the budget
+            prepared[contender.name] = contender.prepare(layer, config, num_tokens)  # cheap: says "missing" even past the budget
             if time.monotonic() > deadline:
                 raise Unavailable("skipped", "time budget spent")
-            error = _max_error(prepared, buffers[0], expected) if expected is not None else None
+            error = _max_error(prepared[contender.name], buffers[0], expected) if expected is not None else None
         except Unavailable as unavailable:
             status, reason = unavailable.status, unavailable.reason
         except Exception as failure:  # a contender that crashes is reported, not fatal
-            status, reason = "failed", f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
+            status, reason = "failed", _describe(failure)
         for pass_name in PASSES:
             row = {**point, "contender": contender.name, "pass": pass_name, "status": status, "reason": reason,
                    "median_ms": None, "p20_ms": None, "p80_ms": None, "repeats": None, "speedup": None,
                    "tflops": None, "dense_share": None, "gbps": None, "peak_bytes": None,
                    "max_abs_err": None, "err_reference": None}
-            if status == "ok" and pass_name == "fwd+bwd" and prepared.no_backward:
-                row["status"], row["reason"] = "n/a", prepared.no_backward
-            if row["status"] == "ok":
-                _time_into(row, prepared, buffers, config, device, dense_tflops, element_size)
-                if pass_name == "fwd":
-                    row["max_abs_err"], row["err_reference"] = error, err_reference
+            if status == "ok" and pass_name == "fwd+bwd" and prepared[contender.name].no_backward:
+                row["status"], row["reason"] = "n/a", prepared[contender.name].no_backward
+            if row["status"] == "ok" and pass_name == "fwd":
+                row["max_abs_err"], row["err_reference"] = error, err_reference
             rows.append(row)
+    for pass_name in PASSES:
+        racing = {row["contender"]: row for row in rows if row["pass"] == pass_name and row["status"] == "ok"}
+        _time_into(racing, prepared, buffers, config, device, dense_tflops, element_size)
     _add_speedups(rows)
     return rows
 
 
-def _time_into(row, prepared, buffers, config, device, dense_tflops, element_size) -> None:
-    backward = row["pass"] == "fwd+bwd"
-    call = (_forward_backward_call if backward else _forward_call)(prepared, buffers)
-    try:
-        timing = time_call(call, device)
-        row["peak_bytes"] = peak_memory_bytes(call, device)
-    except Exception as failure:
-        row["status"], row["reason"] = "failed", f"{type(failure).__name__}: {str(failure)[:200]}"
+def _describe(failure: Exception) -> str:
+    return f"{type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
+
+
+def _time_into(racing: dict[str, dict], prepared, buffers, config, device, dense_tflops, element_size) -> None:
+    """Times the contenders of ``racing`` (their rows of one pass) side by side and fills in their rows."""
+    if not racing:
         return
-    row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, repeats=timing.repeats)
-    row["tflops"] = tflops(expert_flops(config, row["tokens"], backward), timing.median_ms)
-    row["dense_share"] = row["tflops"] / dense_tflops
-    if not backward:
-        moved = min_bytes_moved(config, row["tokens"], row["experts_hit"], element_size)
-        row["gbps"] = moved / (timing.median_ms * 1e-3) / 1e9
+    backward = next(iter(racing.values()))["pass"] == "fwd+bwd"
+    calls = {name: (_forward_backward_call if backward else _forward_call)(prepared[name], buffers) for name in racing}
+    if device.type == "cpu":
+        timings = time_cpu_side_by_side(calls)
+    else:
+        timings = {}
+        for name, call in calls.items():
+            try:
+                timings[name] = time_call(call, device)
+            except Exception as failure:
+                timings[name] = failure
+    for name, row in racing.items():
+        timing = timings[name]
+        if isinstance(timing, Exception):
+            row["status"], row["reason"] = "failed", _describe(timing)
+            continue
+        row["peak_bytes"] = peak_memory_bytes(calls[name], device)
+        row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, repeats=timing.repeats)
+        row["tflops"] = tflops(expert_flops(config, row["tokens"], backward), timing.median_ms)
+        row["dense_share"] = row["tflops"] / dense_tflops
+        if not backward:
+            moved = min_bytes_moved(config, row["tokens"], row["experts_hit"], element_size)
+            row["gbps"] = moved / (timing.median_ms * 1e-3) / 1e9
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -173,12 +192,12 @@ def _token_counts(args) -> tuple[int, ...]:
     return bench_configs.CPU_TOKENS_FULL if args.full else bench_configs.CPU_TOKENS
 
 
-def _default_name(device) -> str:
+def _default_name(device, threads: int) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     if device.type == "cuda":
         words = torch.cuda.get_device_name(device).split()  # "NVIDIA H100 80GB HBM3" → "h100"
         return f"{next((w for w in words if any(c.isdigit() for c in w)), words[-1]).lower()}-{date}"
-    return f"cpu-{os.cpu_count()}core-{date}"
+    return f"cpu-{os.cpu_count()}core-{threads}thread-{date}"
 
 
 def main(argv=None) -> Path:
@@ -190,7 +209,7 @@ def main(argv=None) -> Path:
     layer_configs = bench_configs.select(bench_configs.GPU_CONFIGS if device.type == "cuda" else bench_configs.CPU_CONFIGS, args.configs)
     token_counts = _token_counts(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (args.name or _default_name(device))
+    stem = args.out / (args.name or _default_name(device, torch.get_num_threads()))
     meta = {**environment(device, dtype), "tokens": token_counts, "threads": torch.get_num_threads(), "contenders": [c.name for c in CONTENDERS],
             "configs": [{**c.layer_arguments(), "name": c.name, "source": c.source,
                          "triton_saved_bytes_per_token": saved_bytes_per_token(c.k, c.d_ff, dtype.itemsize)} for c in layer_configs],
@@ -210,12 +229,12 @@ def main(argv=None) -> Path:
             del layer, reference64
         write_json(stem.with_suffix(".json"), meta, rows)  # after each config: a killed run keeps what it did
     bar.close()
-    text = table(rows)
-    stem.with_suffix(".txt").write_text(_preamble(meta) + text + "\n")
-    print(text)
+    stem.with_suffix(".txt").write_text(_preamble(meta) + table(rows) + "\n")
     from .plot import plot
 
-    print(plot(stem.with_suffix(".json")))
+    plotted = plot(stem.with_suffix(".json"))
+    print(summary(rows, meta))
+    print(f"\nfull table: {stem.with_suffix('.txt')}\njson:       {stem.with_suffix('.json')}\n{plotted}")
     return stem.with_suffix(".json")
 
 

@@ -1,7 +1,8 @@
 """Timing and peak memory of one callable. All times in milliseconds, memory in bytes.
 
 GPU: ``triton.testing.do_bench`` with quantiles (it flushes L2 between calls and syncs the device).
-CPU: ``time.perf_counter`` around many warm calls. Both report the median and the 20th/80th percentiles,
+CPU: ``time.perf_counter`` around many warm calls; ``time_cpu_side_by_side`` interleaves the contenders
+of one measurement round by round. Both report the median and the 20th/80th percentiles,
 so a noisy shared machine shows as a wide p20–p80 band rather than as a wrong median.
 """
 from __future__ import annotations
@@ -39,6 +40,41 @@ def time_cpu(fn: Callable[[], object], min_repeats: int = 3, max_repeats: int = 
         return Timing(samples[0], samples[0], samples[0], 1)
     deciles = statistics.quantiles(samples, n=10, method="inclusive")
     return Timing(statistics.median(samples), deciles[1], deciles[7], len(samples))
+
+
+def time_cpu_side_by_side(calls: dict[str, Callable[[], object]], min_repeats: int = 3, max_repeats: int = 40,
+                          budget_s: float = 0.3) -> dict[str, Timing | Exception]:
+    """``time_cpu`` for several calls at once, taking turns: each round calls every one once, so that a
+    neighbour's load on a shared machine falls on all contenders alike and their ratio stays meaningful.
+
+    Rounds go on until ``budget_s`` per call is spent or ``max_repeats`` rounds (at least ``min_repeats``).
+    A call that raises is dropped from the race and its exception returned in its place.
+    """
+    results: dict[str, Timing | Exception] = {}
+    samples: dict[str, list[float]] = {}
+    for name, fn in calls.items():
+        try:
+            fn()
+            samples[name] = []
+        except Exception as failure:  # reported by the caller as a failed row
+            results[name] = failure
+    start = time.perf_counter()
+    for round_index in range(max_repeats):
+        if round_index >= min_repeats and time.perf_counter() - start > budget_s * max(1, len(samples)):
+            break
+        for name in list(samples):
+            begin = time.perf_counter()
+            try:
+                calls[name]()
+            except Exception as failure:
+                results[name] = failure
+                del samples[name]
+                continue
+            samples[name].append((time.perf_counter() - begin) * 1e3)
+    for name, times in samples.items():
+        deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+        results[name] = Timing(statistics.median(times), deciles[1], deciles[7], len(times))
+    return results
 
 
 def time_gpu(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40) -> Timing:

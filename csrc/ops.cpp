@@ -15,8 +15,29 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def(
       "permute(Tensor experts, int num_experts, SymInt? capacity, int block_m) -> (Tensor tokens_per_expert, "
       "Tensor expert_offsets, Tensor sorted_rows, Tensor sorted_assignments)");
+  // The CPU expert path; <permutation> = the four tensors of a pipeline.Permutation.
+  m.def(
+      "cpu_expert_up(Tensor x, Tensor up_weight, Tensor? up_bias, Tensor tokens_per_expert, Tensor expert_offsets, "
+      "Tensor sorted_rows, Tensor sorted_assignments, str function, bool gated, float alpha, float? limit, "
+      "float up_offset, bool interleaved, bool keep_pre_activation) -> (Tensor hidden, Tensor pre_activation)");
+  m.def(
+      "cpu_expert_up_backward(Tensor grad_hidden, Tensor x, Tensor up_weight, Tensor? up_bias, "
+      "Tensor pre_activation, Tensor tokens_per_expert, Tensor expert_offsets, Tensor sorted_rows, "
+      "Tensor sorted_assignments, str function, bool gated, float alpha, float? limit, float up_offset, "
+      "bool interleaved) -> (Tensor grad_x, Tensor grad_up_weight, Tensor grad_up_bias)");
+  m.def(
+      "cpu_expert_down_combine(Tensor hidden, Tensor down_weight, Tensor? down_bias, Tensor tokens_per_expert, "
+      "Tensor expert_offsets, Tensor sorted_rows, Tensor sorted_assignments, Tensor weights) -> Tensor");
+  m.def(
+      "cpu_expert_down_combine_backward(Tensor grad_y, Tensor hidden, Tensor down_weight, Tensor? down_bias, "
+      "Tensor tokens_per_expert, Tensor expert_offsets, Tensor sorted_rows, Tensor sorted_assignments, "
+      "Tensor weights) -> (Tensor grad_hidden, Tensor grad_down_weight, Tensor grad_down_bias, Tensor grad_weights)");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("permute", &moe_kernels::permute_cpu);
+  m.impl("cpu_expert_up", &moe_kernels::cpu_expert_up);
+  m.impl("cpu_expert_up_backward", &moe_kernels::cpu_expert_up_backward);
+  m.impl("cpu_expert_down_combine", &moe_kernels::cpu_expert_down_combine);
+  m.impl("cpu_expert_down_combine_backward", &moe_kernels::cpu_expert_down_combine_backward);
 }

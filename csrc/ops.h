@@ -1,10 +1,11 @@
 // The native ops' C++ signatures and their argument checks.
-// Semantics: moe_kernels/pipeline.py (permutation layout).
+// Semantics: moe_kernels/pipeline.py (permutation layout, expert stages).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace moe_kernels {
@@ -14,6 +15,32 @@ using PermuteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 // (tokens_per_expert [E] i32, expert_offsets [E+1] i32, sorted_rows [T,k] i32, sorted_assignments [R] i32).
 PermuteOutputs permute_cpu(const at::Tensor& experts, int64_t num_experts, std::optional<int64_t> capacity,
                            int64_t block_m);
+
+// The CPU expert path (csrc/cpu/expert_up.cpp, expert_down_combine.cpp); semantics: Backend.expert_up and
+// Backend.expert_down_combine of moe_kernels/pipeline.py, the activation's fields of activations.Activation.
+// (hidden [R, d_ff], pre_activation [R, N] when keep_pre_activation, else [0, N]).
+std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
+    const at::Tensor& x, const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
+    const at::Tensor& sorted_assignments, std::string_view function, bool gated, double alpha,
+    std::optional<double> limit, double up_offset, bool interleaved, bool keep_pre_activation);
+// (grad_x [T, d], grad_up_weight [E, N, d], grad_up_bias [E, N], or [0] without up_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
+    const at::Tensor& grad_hidden, const at::Tensor& x, const at::Tensor& up_weight,
+    const std::optional<at::Tensor>& up_bias, const at::Tensor& pre_activation, const at::Tensor& tokens_per_expert,
+    const at::Tensor& expert_offsets, const at::Tensor& sorted_rows, const at::Tensor& sorted_assignments,
+    std::string_view function, bool gated, double alpha, std::optional<double> limit, double up_offset,
+    bool interleaved);
+// y [T, d] in hidden's dtype.
+at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& down_weight,
+                                   const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert,
+                                   const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
+                                   const at::Tensor& sorted_assignments, const at::Tensor& weights);
+// (grad_hidden [R, d_ff], grad_down_weight [E, d, d_ff], grad_down_bias [E, d] or [0], grad_weights [T, S]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combine_backward(
+    const at::Tensor& grad_y, const at::Tensor& hidden, const at::Tensor& down_weight,
+    const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets,
+    const at::Tensor& sorted_rows, const at::Tensor& sorted_assignments, const at::Tensor& weights);
 
 // The capacity as an int, -1 for dropless (None), after checking every permute argument; 0 drops everything.
 inline int64_t check_permute_args(const at::Tensor& experts, int64_t num_experts, std::optional<int64_t> capacity,

@@ -2,13 +2,15 @@
 
 ``torch.ops.moe_kernels.permute`` computes the Permutation layout of pipeline.py on the CPU, with a fake
 implementation (below) so that torch.compile(fullgraph=True) traces through it. It is not differentiable
-(integers only).
+(integers only). The CPU expert path (bottom section) runs backend "torch"'s expert stages on the CPU.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
+from .activations import Activation
 from .pipeline import Permutation, num_sorted_rows
 
 try:
@@ -20,6 +22,11 @@ except ImportError:  # not built: the package runs on its PyTorch and Triton bac
 def has_cpu_ops() -> bool:
     """Whether moe_kernels._C is built (its CPU ops always are)."""
     return _C is not None
+
+
+def grad_required(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an op on these tensors (then the CPU expert path keeps its pre-activation)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: int = 1) -> Permutation:
@@ -44,3 +51,109 @@ def permute_fake(experts, num_experts, capacity, block_m):
 
 if _C is not None:
     torch.library.register_fake("moe_kernels::permute", permute_fake)
+
+
+# ------------------------------------------------------------------------------- the CPU expert path
+# moe_kernels::cpu_expert_up / cpu_expert_down_combine (csrc/cpu): the backend-"torch" stages on the CPU.
+# Autograd lives here, over the C++ backward ops; the forward of expert_up keeps the pre-activation
+# ([R, N] in x's dtype) only when a gradient will be asked for, and the backward reads it instead of
+# recomputing GEMM 1 (a third of the backward's GEMM work on a CPU, for k·N·itemsize bytes per token).
+
+
+def runs_experts(*tensors: Tensor | None) -> bool:
+    """Whether the C++ expert ops take this call: built, CPU tensors, and no forward-mode AD.
+
+    They have no forward-mode formula: under torch.func transforms (jvp, and vmap, which they cannot batch)
+    and inside a forward_ad.dual_level with dual inputs, the PyTorch stages run instead, which have.
+    """
+    if _C is None or tensors[0].device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return forward_ad._current_level < 0 or all(t is None or forward_ad.unpack_dual(t).tangent is None for t in tensors)
+
+
+def _activation_fields(activation: Activation) -> tuple:
+    return (activation.function, activation.gated, float(activation.alpha), activation.limit,
+            float(activation.up_offset), activation.interleaved)
+
+
+def expert_up(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation,
+              activation: Activation) -> Tensor:
+    """Backend.expert_up by the C++ CPU op: hidden [R, d_ff] in x's dtype, differentiable in x, up_weight, up_bias."""
+    keep = grad_required(x, up_weight, up_bias)
+    hidden, _ = torch.ops.moe_kernels.cpu_expert_up(
+        x, up_weight, up_bias, *permutation, *_activation_fields(activation), keep
+    )
+    return hidden
+
+
+def expert_down_combine(hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, permutation: Permutation,
+                        weights: Tensor) -> Tensor:
+    """Backend.expert_down_combine by the C++ CPU op: y [T, d] in hidden's dtype, differentiable in hidden,
+    down_weight, down_bias and weights."""
+    return torch.ops.moe_kernels.cpu_expert_down_combine(hidden, down_weight, down_bias, *permutation, weights)
+
+
+def _expert_up_fake(x, up_weight, up_bias, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments,
+                    function, gated, alpha, limit, up_offset, interleaved, keep_pre_activation):
+    num_rows, n_up = sorted_assignments.shape[0], up_weight.shape[1]
+    return x.new_empty(num_rows, n_up // 2 if gated else n_up), x.new_empty(num_rows if keep_pre_activation else 0, n_up)
+
+
+def _expert_up_backward_fake(grad_hidden, x, up_weight, up_bias, pre_activation, *permutation_and_activation):
+    grad_up_bias = x.new_empty(0) if up_bias is None else torch.empty_like(up_bias, memory_format=torch.contiguous_format)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(up_weight, memory_format=torch.contiguous_format), grad_up_bias)
+
+
+def _expert_down_combine_fake(hidden, down_weight, down_bias, tokens_per_expert, expert_offsets, sorted_rows,
+                              sorted_assignments, weights):
+    return hidden.new_empty(sorted_rows.shape[0], down_weight.shape[1])
+
+
+def _expert_down_combine_backward_fake(grad_y, hidden, down_weight, down_bias, tokens_per_expert, expert_offsets,
+                                       sorted_rows, sorted_assignments, weights):
+    grad_down_bias = hidden.new_empty(0) if down_bias is None else torch.empty_like(down_bias, memory_format=torch.contiguous_format)
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(down_weight, memory_format=torch.contiguous_format), grad_down_bias,
+            torch.empty_like(weights, memory_format=torch.contiguous_format))
+
+
+def _expert_up_setup_context(ctx, inputs, output):
+    x, up_weight, up_bias, *permutation = inputs[:7]
+    ctx.save_for_backward(x, up_weight, up_bias, output[1], *permutation)
+    ctx.activation_fields = inputs[7:13]
+
+
+def _expert_up_backward(ctx, grad_hidden, _grad_pre_activation):
+    x, up_weight, up_bias, pre_activation, *permutation = ctx.saved_tensors
+    grad_x, grad_up_weight, grad_up_bias = torch.ops.moe_kernels.cpu_expert_up_backward(
+        grad_hidden, x, up_weight, up_bias, pre_activation, *permutation, *ctx.activation_fields
+    )
+    return (grad_x, grad_up_weight, None if up_bias is None else grad_up_bias) + (None,) * 11
+
+
+def _expert_down_combine_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # hidden, down_weight, down_bias, the permutation and weights
+
+
+def _expert_down_combine_backward(ctx, grad_y):
+    hidden, down_weight, down_bias, *permutation, weights = ctx.saved_tensors
+    grad_hidden, grad_down_weight, grad_down_bias, grad_weights = torch.ops.moe_kernels.cpu_expert_down_combine_backward(
+        grad_y, hidden, down_weight, down_bias, *permutation, weights
+    )
+    return grad_hidden, grad_down_weight, None if down_bias is None else grad_down_bias, None, None, None, None, grad_weights
+
+
+if _C is not None:
+    torch.library.register_fake("moe_kernels::cpu_expert_up", _expert_up_fake)
+    torch.library.register_fake("moe_kernels::cpu_expert_up_backward", _expert_up_backward_fake)
+    torch.library.register_fake("moe_kernels::cpu_expert_down_combine", _expert_down_combine_fake)
+    torch.library.register_fake("moe_kernels::cpu_expert_down_combine_backward", _expert_down_combine_backward_fake)
+    torch.library.register_autograd("moe_kernels::cpu_expert_up", _expert_up_backward,
+                                    setup_context=_expert_up_setup_context)
+    torch.library.register_autograd("moe_kernels::cpu_expert_down_combine", _expert_down_combine_backward,
+                                    setup_context=_expert_down_combine_setup_context)

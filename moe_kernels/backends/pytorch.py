@@ -50,6 +50,8 @@ def _grouped_mm_applies(rows: Tensor, weight: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() and rows.dtype != torch.bfloat16:
         return False  # _grouped_mm's meta function (what torch.compile traces) accepts only bfloat16
+    if 1 not in weight.stride()[1:]:
+        return False  # each expert's matrix needs a unit stride (expert-minor layouts do not have one)
     # grouped_mm wants every row of both operands and of the output 16-byte aligned.
     elements_per_16_bytes = 16 // rows.element_size()
     if any(size % elements_per_16_bytes for size in weight.shape[1:]):
@@ -82,8 +84,11 @@ def _padded_grouped_matmul(rows: Tensor, weight: Tensor, permutation: Permutatio
         longest = int(counts.max()) if num_experts else 0
     rank = torch.arange(longest, device=rows.device)
     valid = rank[None, :] < counts[:, None]
-    row_index = torch.where(valid, starts[:, None] + rank[None, :], 0)
-    products = torch.bmm(rows[row_index], weight.transpose(1, 2))
+    # Invalid slots read an appended zero row, not a real one: its NaN would reach every expert's weight
+    # gradient through bmm's backward (NaN·0).
+    row_index = torch.where(valid, starts[:, None] + rank[None, :], rows.shape[0])
+    rows_and_zero_row = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    products = torch.bmm(rows_and_zero_row[row_index], weight.transpose(1, 2))
     out = rows.new_zeros(rows.shape[0], weight.shape[1])
     return out.index_put((row_index[valid],), products[valid])
 
@@ -108,11 +113,15 @@ def _bias_rows(bias: Tensor, permutation: Permutation, num_rows: int, dtype: tor
 def expert_up(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation) -> Tensor:
     num_tokens, k = permutation.sorted_rows.shape
     assignments = permutation.sorted_assignments
-    # Unused rows read an appended zero token, so nothing of a real token leaks into them.
-    tokens = torch.where(assignments >= 0, assignments // k, num_tokens)
-    x_and_zero_row = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    # Row r reads assignment a of x repeated k times: a gather without repeated indices, so its backward
+    # adds nothing in a thread-dependent order; the sum of a token's k copies is expand's backward, a
+    # fixed-order reduction (dx bitwise reproducible for any thread count). Unused rows read an appended
+    # zero row, so nothing of a real token leaks into them.
+    repeated = x.unsqueeze(1).expand(num_tokens, k, x.shape[1]).reshape(num_tokens * k, x.shape[1])
+    repeated_and_zero_row = torch.cat([repeated, x.new_zeros(1, x.shape[1])])
+    rows = repeated_and_zero_row[torch.where(assignments >= 0, assignments, num_tokens * k)]
     # The experts compute in x's dtype (a no-op when the parameters already have it).
-    pre_activation = grouped_matmul(x_and_zero_row[tokens], up_weight.to(x.dtype), permutation)
+    pre_activation = grouped_matmul(rows, up_weight.to(x.dtype), permutation)
     if up_bias is not None:
         pre_activation = pre_activation + _bias_rows(up_bias, permutation, assignments.shape[0], x.dtype)
     return activate(pre_activation, activation)
@@ -124,11 +133,12 @@ def expert_down_combine(
     expert_outputs = grouped_matmul(hidden, down_weight.to(hidden.dtype), permutation)
     if down_bias is not None:
         expert_outputs = expert_outputs + _bias_rows(down_bias, permutation, hidden.shape[0], hidden.dtype)
-    kept = permutation.sorted_rows >= 0
-    per_assignment = expert_outputs[permutation.sorted_rows.clamp(min=0).long()].to(weights.dtype)
-    # where, not a multiply by zero: a dropped slot must not pick up a non-finite row of another token.
-    contributions = torch.where(kept.unsqueeze(-1), weights.unsqueeze(-1) * per_assignment, 0.0)
-    return contributions.sum(1).to(hidden.dtype)
+    # A dropped slot reads an appended zero row: it must not pick up another token's row, whose NaN would
+    # come back through the product's backward into its gate weight (NaN·0) and so into every token's dx.
+    outputs_and_zero_row = torch.cat([expert_outputs, expert_outputs.new_zeros(1, expert_outputs.shape[1])])
+    rows = torch.where(permutation.sorted_rows >= 0, permutation.sorted_rows, expert_outputs.shape[0]).long()
+    per_assignment = outputs_and_zero_row[rows].to(weights.dtype)
+    return (weights.unsqueeze(-1) * per_assignment).sum(1).to(hidden.dtype)
 
 
 def _permute_native_on_cpu(experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
@@ -138,16 +148,34 @@ def _permute_native_on_cpu(experts: Tensor, num_experts: int, capacity: int | No
     return permute(experts, num_experts, capacity)
 
 
-class TorchBackend:
-    """The stage functions above as a pipeline Backend; the permutation by the native CPU op when built.
+def _expert_up_native_on_cpu(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation,
+                             activation: Activation) -> Tensor:
+    """expert_up(), by the C++ CPU expert path where it applies (native.runs_experts)."""
+    if native.runs_experts(x, up_weight, up_bias):
+        return native.expert_up(x, up_weight, up_bias, permutation, activation)
+    return expert_up(x, up_weight, up_bias, permutation, activation)
 
-    The module-level permute() stays pure PyTorch: it is the reference the kernels are tested on.
+
+def _expert_down_combine_native_on_cpu(hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None,
+                                       permutation: Permutation, weights: Tensor) -> Tensor:
+    """expert_down_combine(), by the C++ CPU expert path where it applies (native.runs_experts)."""
+    if native.runs_experts(hidden, down_weight, down_bias, weights):
+        return native.expert_down_combine(hidden, down_weight, down_bias, permutation, weights)
+    return expert_down_combine(hidden, down_weight, down_bias, permutation, weights)
+
+
+class TorchBackend:
+    """The stage functions above as a pipeline Backend; on the CPU, when moe_kernels._C is built, the
+    permutation and the experts run as its C++ ops.
+
+    The module-level functions stay pure PyTorch: the path without the extension, and the reference the
+    kernels are tested on.
     """
 
     fused_routing = False
     permute = staticmethod(_permute_native_on_cpu)
-    expert_up = staticmethod(expert_up)
-    expert_down_combine = staticmethod(expert_down_combine)
+    expert_up = staticmethod(_expert_up_native_on_cpu)
+    expert_down_combine = staticmethod(_expert_down_combine_native_on_cpu)
 
     @staticmethod
     def block_m(num_tokens: int, slots: int, num_experts: int) -> int:

@@ -1,0 +1,222 @@
+// moe_kernels::cpu_expert_down_combine and its backward: GEMM 2 of the experts and the weighted combine
+// (semantics: Backend.expert_down_combine in moe_kernels/pipeline.py).
+//
+// Forward, one parallel loop over column slices of d: each slice runs GEMM 2 tile by tile for the
+// experts that received rows (in expert order) and adds weight·(row + bias) into the rows of y it owns,
+// so no [R, d] buffer of expert outputs exists and each token's sum has one fixed order (experts
+// ascending, then sorted rows) whatever the thread count. Accumulation in the opmath type.
+// Backward, two loops: per (expert, row tile) u = dy[token]·W_e gives d(hidden) = weight·u and
+// d(weight) = <u, hidden> + <dy, bias>; per (expert, slice of d) one GEMM over all of the expert's rows
+// gives d(W_e) and d(bias_e).
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../ops.h"
+#include "experts.h"
+
+namespace moe_kernels {
+namespace {
+
+constexpr const char* kForward = "moe_kernels::cpu_expert_down_combine";
+constexpr const char* kBackward = "moe_kernels::cpu_expert_down_combine_backward";
+
+void check_down(const char* op, const at::Tensor& hidden, const at::Tensor& down_weight,
+                const std::optional<at::Tensor>& down_bias, const at::Tensor& weights, const cpu::Layout& layout) {
+  cpu::check_cpu_floating(op, "hidden", hidden);
+  cpu::check_cpu_floating(op, "down_weight", down_weight);
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == layout.num_rows, op, ": hidden must be [R=", layout.num_rows,
+              ", d_ff], got ", hidden.sizes());
+  TORCH_CHECK(down_weight.dim() == 3 && down_weight.size(2) == hidden.size(1), op,
+              ": down_weight must be [E, d, d_ff=", hidden.size(1), "], got ", down_weight.sizes());
+  if (down_bias.has_value()) {
+    cpu::check_cpu_floating(op, "down_bias", *down_bias);
+    TORCH_CHECK(down_bias->dim() == 2 && down_bias->size(0) == down_weight.size(0) &&
+                    down_bias->size(1) == down_weight.size(1),
+                op, ": down_bias must be [E=", down_weight.size(0), ", d=", down_weight.size(1), "], got ",
+                down_bias->sizes());
+  }
+  const at::ScalarType opmath = at::toOpMathType(hidden.scalar_type());
+  TORCH_CHECK(weights.device().is_cpu() && weights.dim() == 2 && weights.size(0) == layout.num_tokens &&
+                  weights.size(1) == layout.num_slots && weights.scalar_type() == opmath,
+              op, ": weights must be a [T=", layout.num_tokens, ", S=", layout.num_slots, "] ", opmath,
+              " CPU tensor (float64 for float64 hidden, else float32), got ", weights.sizes(), " ",
+              weights.scalar_type());
+}
+
+// Expert e's down bias in opmath, columns [first, first + width) (zeros without a bias).
+template <typename opmath_t>
+void load_bias(const std::optional<at::Tensor>& bias, int64_t expert, int64_t first, std::vector<opmath_t>& out) {
+  if (!bias.has_value()) return;
+  const at::Tensor row = bias->select(0, expert).narrow(0, first, static_cast<int64_t>(out.size()))
+                             .to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+  std::memcpy(out.data(), row.const_data_ptr<opmath_t>(), out.size() * sizeof(opmath_t));
+}
+
+}  // namespace
+
+at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& down_weight,
+                                   const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert,
+                                   const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
+                                   const at::Tensor& sorted_assignments, const at::Tensor& weights) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const cpu::Layout layout = cpu::check_layout(kForward, tokens_per_expert, expert_offsets, sorted_rows,
+                                               sorted_assignments, down_weight.size(0));
+  check_down(kForward, hidden, down_weight, down_bias, weights, layout);
+  const at::ScalarType dtype = hidden.scalar_type();
+  const int64_t d = down_weight.size(1), d_ff = down_weight.size(2);
+  const at::Tensor rows = cpu::unit_stride_rows(hidden);
+  at::Tensor y_sum = at::zeros({layout.num_tokens, d}, hidden.options().dtype(weights.scalar_type()));
+  const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
+  const int64_t scratch_rows = cpu::tile_rows(tiles);
+  const int64_t num_slices = (d + cpu::kSliceColumns - 1) / cpu::kSliceColumns;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_down_combine", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* row_data = rows.const_data_ptr<scalar_t>();
+    const opmath_t* weight_data = weights.const_data_ptr<opmath_t>();
+    opmath_t* y_data = y_sum.data_ptr<opmath_t>();
+    cpu::parallel_items(num_slices, [&](int64_t begin, int64_t end) {
+      at::Tensor product = at::empty({scratch_rows, cpu::kSliceColumns}, hidden.options());
+      for (int64_t slice = begin; slice < end; ++slice) {
+        const int64_t first = slice * cpu::kSliceColumns, width = std::min(cpu::kSliceColumns, d - first);
+        std::vector<opmath_t> bias(width, opmath_t(0));
+        for (const cpu::RowTile& tile : tiles) {
+          const int64_t count = tile.end - tile.begin;
+          const at::Tensor weight = cpu::expert_matrix(down_weight, tile.expert, dtype);  // [d, d_ff]
+          at::Tensor out = cpu::matrix(product.data_ptr<scalar_t>(), count, width, width, 1, dtype);
+          at::mm_out(out, cpu::matrix(row_data + tile.begin * rows.stride(0), count, d_ff, rows.stride(0), 1, dtype),
+                     cpu::matrix(weight.const_data_ptr<scalar_t>() + first * weight.stride(0), d_ff, width,
+                                 weight.stride(1), weight.stride(0), dtype));
+          load_bias(down_bias, tile.expert, first, bias);
+          const scalar_t* product_data = product.const_data_ptr<scalar_t>();
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t assignment = layout.sorted_assignments[tile.begin + i];
+            const int64_t token = assignment / layout.num_slots, slot = assignment % layout.num_slots;
+            const opmath_t gate = weight_data[token * weights.stride(0) + slot * weights.stride(1)];
+            opmath_t* y = y_data + token * d + first;
+            for (int64_t j = 0; j < width; ++j) y[j] += gate * (static_cast<opmath_t>(product_data[i * width + j]) + bias[j]);
+          }
+        }
+      }
+    });
+  });
+  return y_sum.scalar_type() == dtype ? y_sum : y_sum.to(dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combine_backward(
+    const at::Tensor& grad_y, const at::Tensor& hidden, const at::Tensor& down_weight,
+    const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets,
+    const at::Tensor& sorted_rows, const at::Tensor& sorted_assignments, const at::Tensor& weights) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t num_experts = down_weight.size(0);
+  const cpu::Layout layout = cpu::check_layout(kBackward, tokens_per_expert, expert_offsets, sorted_rows,
+                                               sorted_assignments, num_experts);
+  check_down(kBackward, hidden, down_weight, down_bias, weights, layout);
+  const at::ScalarType dtype = hidden.scalar_type();
+  const int64_t d = down_weight.size(1), d_ff = down_weight.size(2);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == layout.num_tokens && grad_y.size(1) == d, kBackward,
+              ": grad_y must be [T=", layout.num_tokens, ", d=", d, "], got ", grad_y.sizes());
+  const at::Tensor grad_rows = cpu::unit_stride_rows(grad_y.to(dtype));
+  const at::Tensor rows = cpu::unit_stride_rows(hidden);
+  at::Tensor grad_hidden = at::empty({layout.num_rows, d_ff}, hidden.options());
+  cpu::zero_padding_rows(layout, grad_hidden);
+  at::Tensor grad_weights = at::zeros(weights.sizes(), weights.options());
+  at::Tensor grad_down_weight = at::empty(down_weight.sizes(), down_weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_down_bias = down_bias.has_value() ? at::empty(down_bias->sizes(), down_bias->options())
+                                                    : at::empty({0}, hidden.options());
+  const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
+  const int64_t scratch_rows = cpu::tile_rows(tiles);
+  const std::vector<cpu::RowTile> weight_items = cpu::expert_slices(layout, d);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_down_combine_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* grad_data = grad_rows.const_data_ptr<scalar_t>();
+    const int64_t grad_stride = grad_rows.stride(0);
+    const scalar_t* row_data = rows.const_data_ptr<scalar_t>();
+    const opmath_t* weight_data = weights.const_data_ptr<opmath_t>();
+    auto gate_of = [&](int64_t row, int64_t* token, int64_t* slot) {
+      const int64_t assignment = layout.sorted_assignments[row];
+      *token = assignment / layout.num_slots;
+      *slot = assignment % layout.num_slots;
+      return weight_data[*token * weights.stride(0) + *slot * weights.stride(1)];
+    };
+    // 1. u = dy[token]·W_e per row tile; d(hidden) = gate·u, d(gate) = <u, hidden> + <dy, bias_e>.
+    scalar_t* grad_hidden_data = grad_hidden.data_ptr<scalar_t>();
+    opmath_t* grad_weight_data = grad_weights.data_ptr<opmath_t>();
+    cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
+      at::Tensor gathered = at::empty({scratch_rows, d}, hidden.options());
+      at::Tensor product = at::empty({scratch_rows, d_ff}, hidden.options());
+      std::vector<opmath_t> bias(down_bias.has_value() ? d : 0, opmath_t(0));
+      for (int64_t item = begin; item < end; ++item) {
+        const cpu::RowTile& tile = tiles[item];
+        const int64_t count = tile.end - tile.begin;
+        scalar_t* gathered_data = gathered.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < count; ++i) {
+          std::memcpy(gathered_data + i * d, grad_data + layout.token_of_row(tile.begin + i) * grad_stride,
+                      d * sizeof(scalar_t));
+        }
+        const at::Tensor weight = cpu::expert_matrix(down_weight, tile.expert, dtype);  // [d, d_ff]
+        at::Tensor out = cpu::matrix(product.data_ptr<scalar_t>(), count, d_ff, d_ff, 1, dtype);
+        at::mm_out(out, cpu::matrix(gathered_data, count, d, d, 1, dtype), weight);
+        load_bias(down_bias, tile.expert, 0, bias);
+        const scalar_t* u = product.const_data_ptr<scalar_t>();
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t row = tile.begin + i;
+          int64_t token, slot;
+          const opmath_t gate = gate_of(row, &token, &slot);
+          const scalar_t* h = row_data + row * rows.stride(0);
+          scalar_t* grad_h = grad_hidden_data + row * d_ff;
+          opmath_t dot = 0;
+          for (int64_t j = 0; j < d_ff; ++j) {
+            const opmath_t value = static_cast<opmath_t>(u[i * d_ff + j]);
+            grad_h[j] = static_cast<scalar_t>(gate * value);
+            dot += value * static_cast<opmath_t>(h[j]);
+          }
+          for (int64_t j = 0; j < static_cast<int64_t>(bias.size()); ++j) {
+            dot += static_cast<opmath_t>(gathered_data[i * d + j]) * bias[j];
+          }
+          grad_weight_data[token * grad_weights.stride(0) + slot * grad_weights.stride(1)] = dot;
+        }
+      }
+    });
+
+    // 2. d(W_e)[slice] = (gate·dy[tokens of e])[slice]ᵀ · hidden[rows of e]; d(bias_e)[slice] = Σ gate·dy.
+    cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const auto [e, first, last] = weight_items[item];
+        const int64_t start = layout.expert_offsets[e], count = layout.tokens_per_expert[e], width = last - first;
+        at::Tensor weighted = at::empty({count, width}, hidden.options());
+        scalar_t* weighted_data = weighted.data_ptr<scalar_t>();
+        std::vector<opmath_t> bias_sum(down_bias.has_value() ? width : 0, opmath_t(0));
+        for (int64_t i = 0; i < count; ++i) {
+          int64_t token, slot;
+          const opmath_t gate = gate_of(start + i, &token, &slot);
+          const scalar_t* g = grad_data + token * grad_stride + first;
+          for (int64_t j = 0; j < width; ++j) weighted_data[i * width + j] = static_cast<scalar_t>(gate * static_cast<opmath_t>(g[j]));
+          for (int64_t j = 0; j < static_cast<int64_t>(bias_sum.size()); ++j) bias_sum[j] += gate * static_cast<opmath_t>(g[j]);
+        }
+        const at::Tensor hidden_block = cpu::matrix(row_data + start * rows.stride(0), count, d_ff, rows.stride(0), 1, dtype);
+        at::Tensor target = grad_down_weight.select(0, e).narrow(0, first, width);
+        if (grad_down_weight.scalar_type() == dtype) {
+          at::mm_out(target, cpu::transposed(weighted), hidden_block);
+        } else {
+          target.copy_(at::mm(cpu::transposed(weighted), hidden_block));
+        }
+        if (down_bias.has_value()) {
+          grad_down_bias.select(0, e).narrow(0, first, width).copy_(
+              at::from_blob(bias_sum.data(), {width}, at::TensorOptions().dtype(weights.scalar_type())));
+        }
+      }
+    });
+  });
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (layout.tokens_per_expert[e] > 0) continue;
+    cpu::zero_expert(grad_down_weight, e);
+    if (down_bias.has_value()) cpu::zero_expert(grad_down_bias, e);
+  }
+  return {grad_hidden, grad_down_weight, grad_down_bias, grad_weights};
+}
+
+}  // namespace moe_kernels
