@@ -5,10 +5,6 @@ gradients to 1e-3, a sanity bound, as they sum up to E terms in another order), 
 the accuracy bar: the kernel's largest error against it at most 2× that of float32 PyTorch for values and
 3× for gradients (flash-attention's rule), plus 1e-6 of the largest value for outputs PyTorch gets exact.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import math
 import zlib
 

@@ -36,7 +36,7 @@ def _arguments(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_fast_layer_matches_reference(case, dtype, backend):
-    skip_unless_runnable(backend, dtype)
+    skip_unless_runnable(backend)
     arguments, tokens, skew = _arguments(case)
     torch.manual_seed(zlib.crc32(repr(case).encode()))
     reference64, reference_low, fast = layer_triplet(dtype, backend=backend, skew=skew, **arguments)
@@ -49,7 +49,7 @@ def test_fast_layer_matches_reference(case, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("router", ["topk", "noisy_topk"])
 def test_eval_mode_matches_reference(router, backend):
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     torch.manual_seed(7)
     layers = layer_triplet(torch.float32, backend=backend, d_model=12, d_ff=10, num_experts=6, k=2, router=router)
     layers = [layer.eval().to(device_for(backend)) for layer in layers]
@@ -59,7 +59,7 @@ def test_eval_mode_matches_reference(router, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_parameters_with_half_input(backend):
     """The experts compute in x's dtype; the output keeps it."""
-    skip_unless_runnable(backend, torch.float16)
+    skip_unless_runnable(backend)
     torch.manual_seed(12)
     device = device_for(backend)
     base = randomize_(reference.MoE(16, 24, 4, k=2)).to(device)
@@ -79,7 +79,7 @@ def test_leading_dimensions_are_kept():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)])
 def test_empty_batch_returns_empty_output(shape, backend):
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     layer = randomize_(moe_kernels.MoE(8, 6, 4, k=2, capacity_factor=1.0, backend=backend)).to(device_for(backend))
     x = torch.randn(shape, requires_grad=True, device=device_for(backend))
     y = layer(x)
@@ -91,7 +91,7 @@ def test_empty_batch_returns_empty_output(shape, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("router,k", [("topk", 2), ("noisy_topk", 2), ("switch", 1)])
 def test_non_finite_token_only_changes_its_own_row(router, k, backend):
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     torch.manual_seed(3)
     device = device_for(backend)
     reference_layer = randomize_(reference.MoE(8, 6, 4, k=k, router=router, capacity_factor=2.0)).eval().to(device)
