@@ -45,6 +45,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -269,23 +270,47 @@ def audit_layers(configs=bench_configs.MODEL_CONFIGS, tokens=TOKENS, dtypes=DTYP
                  cache_dir: Path = DEFAULT_CACHE, jobs: int | None = None) -> list[dict]:
     """The audit of the bench grid: one row per (config, T, dtype, arch, launch), labelled with them.
 
-    Works in any process: where the kernels are interpreted (TRITON_INTERPRET=1) it runs
-    ``python -m bench.compile_audit --json`` in a subprocess without that variable.
+    Where this process interprets the kernels (TRITON_INTERPRET=1) it runs in a child process
+    (``AuditProcess``), else here.
     """
-    if not triton.knobs.runtime.interpret:
-        return _audit_layers_here(configs, tokens, dtypes, archs, cache_dir, jobs)
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "audit.json"
-        environment_ = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-        command = [
-            sys.executable, "-m", "bench.compile_audit", "--json", str(path), "--cache-dir", str(cache_dir),
+    if triton.knobs.runtime.interpret:
+        return AuditProcess(configs, tokens, dtypes, archs, cache_dir, jobs).result()
+    return _audit_layers_here(configs, tokens, dtypes, archs, cache_dir, jobs)
+
+
+class AuditProcess:
+    """``audit_layers`` in a child process without TRITON_INTERPRET (``python -m bench.compile_audit
+    --json``), started at construction: ``result()`` waits for its rows, ``stop()`` ends it."""
+
+    def __init__(self, configs=bench_configs.MODEL_CONFIGS, tokens=TOKENS, dtypes=DTYPES, archs=tuple(ARCHS),
+                 cache_dir: Path = DEFAULT_CACHE, jobs: int | None = None):
+        self._scratch = tempfile.TemporaryDirectory()
+        self._path = Path(self._scratch.name) / "audit.json"
+        self.command = [
+            sys.executable, "-m", "bench.compile_audit", "--json", str(self._path), "--cache-dir", str(cache_dir),
             "--configs-json", json.dumps([asdict(config) for config in configs]), "--tokens", *map(str, tokens),
             "--dtypes", *dtypes, "--archs", *archs, *(["--jobs", str(jobs)] if jobs else []),
         ]
-        done = subprocess.run(command, cwd=Path(__file__).parent.parent, env=environment_, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        return json.loads(path.read_text())["rows"]
+        environment_ = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen(
+            self.command, cwd=Path(__file__).parent.parent, env=environment_, stdout=subprocess.DEVNULL,
+            stderr=self._stderr, text=True, start_new_session=True,  # its own process group, compiles included
+        )
+
+    def result(self) -> list[dict]:
+        code = self._process.wait()
+        if code != 0:
+            self._stderr.seek(0)
+            raise RuntimeError(f"{' '.join(self.command)} failed ({code}):\n{self._stderr.read()[-3000:]}")
+        return json.loads(self._path.read_text())["rows"]
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            self._process.wait()
+        self._scratch.cleanup()
+
 
 # ------------------------------------------------------------------------------------------- report
 

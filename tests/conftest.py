@@ -16,6 +16,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BF16_ISSUE = "the Triton interpreter stores bfloat16 as uint16 and computes on the bit patterns (triton-lang/triton#11584)"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (real-size meter runs)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes many minutes (real-size interpreter runs); runs with --run-slow")
+
+
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
     """torch.empty / empty_like hand out NaN (floats) or -2³⁰ (integers) while a test runs, so whatever a
@@ -95,3 +103,42 @@ def interpreter_bfloat16(monkeypatch):
             return apply(self, input)
 
         monkeypatch.setattr(operations, "apply", checked_apply)
+
+
+# ------------------------------------------------------------------------------------------ compile audit
+
+AUDIT_TOKENS = (1, 4096)  # two shapes per layer: decode and prefill
+_audit_process = []
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(session, config, items):
+    """Slow tests skip unless --run-slow. Tests reading the session's compile audit (fixture
+    ``quick_audit``) run last, and the audit starts now in a child process
+    (bench.compile_audit.AuditProcess), so that its compiles overlap the rest of the suite."""
+    if not config.getoption("--run-slow"):
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="slow (real-size interpreter run): pytest --run-slow"))
+    audited = [item for item in items if "quick_audit" in getattr(item, "fixturenames", ())]
+    if not audited:
+        return
+    items[:] = [item for item in items if item not in audited] + audited
+    from bench.compile_audit import AuditProcess
+    from bench.configs import MODEL_CONFIGS
+
+    _audit_process.append(AuditProcess(MODEL_CONFIGS, AUDIT_TOKENS, ("bfloat16",), ("sm_90a", "sm_80"),
+                                       jobs=max(1, (os.cpu_count() or 2) - 1)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for process in _audit_process:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def quick_audit() -> list[dict]:
+    """bench.compile_audit's rows for every bench layer (bench.configs.MODEL_CONFIGS) at T = AUDIT_TOKENS,
+    bfloat16, sm_90a and sm_80: one per launch of the forward and backward, with its compile facts.
+    Compiles are cached under $MOE_KERNELS_AUDIT_CACHE (default ~/.cache/moe_kernels/compile-audit)."""
+    return _audit_process[0].result()
