@@ -63,6 +63,7 @@ from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
 from moe_kernels.pipeline import expert_capacity
 
 from . import configs as bench_configs
+from .capture import patched
 from .dispatch import OpenCustomOps
 from .inputs import route
 from .report import environment
@@ -108,6 +109,17 @@ class KernelCount:
             "useful_programs": self.useful_programs, "bytes_loaded": self.bytes_loaded,
             "bytes_stored": self.bytes_stored, "macs": self.macs,
         }
+
+    def store(self, program: tuple, pointers, mask: np.ndarray) -> int:
+        """Counts a store of the elements of ``pointers`` where ``mask``; returns its bytes."""
+        addresses = np.broadcast_to(pointers.data, mask.shape)[mask]
+        if not addresses.size:
+            return 0
+        size = _element_bytes(pointers)
+        self.bytes_stored += int(addresses.size) * size
+        self.useful.add(program)
+        self.stored_ranges.append((int(addresses.min()), int(addresses.max()) + size))
+        return int(addresses.size) * size
 
     def wrote(self, tensor: torch.Tensor) -> bool:
         """Whether some store of this launch landed in ``tensor``'s storage."""
@@ -180,30 +192,20 @@ class TrafficMeter(OpenCustomOps):
             return load(builder, pointers, mask, *args)
 
         def counted_store(builder, pointers, value, mask, *args):
-            addresses = np.broadcast_to(pointers.data, mask.data.shape)[mask.data]
-            if addresses.size:
-                size = _element_bytes(pointers)
-                meter._current.bytes_stored += int(addresses.size) * size
-                meter._current.useful.add(builder.grid_idx)
-                meter._current.stored_ranges.append((int(addresses.min()), int(addresses.max()) + size))
+            meter._current.store(builder.grid_idx, pointers, mask.data)
             return store(builder, pointers, value, mask, *args)
 
         def counted_dot(builder, a, b, *args):
             meter._current.macs += int(a.data.size) * int(b.data.shape[-1])
             return dot(builder, a, b, *args)
 
-        def counted_rmw(builder, op, pointers, value, mask, *args):
-            both = int(np.count_nonzero(mask.data)) * _element_bytes(pointers)
-            meter._current.bytes_loaded += both
-            meter._current.bytes_stored += both
-            meter._current.useful.add(builder.grid_idx)
+        def counted_rmw(builder, op, pointers, value, mask, *args):  # reads and writes each element
+            meter._current.bytes_loaded += meter._current.store(builder.grid_idx, pointers, mask.data)
             return rmw(builder, op, pointers, value, mask, *args)
 
         def counted_cas(builder, pointers, *args):
-            both = int(pointers.data.size) * _element_bytes(pointers)
-            meter._current.bytes_loaded += both
-            meter._current.bytes_stored += both
-            meter._current.useful.add(builder.grid_idx)
+            everywhere = np.ones(pointers.data.shape, dtype=bool)
+            meter._current.bytes_loaded += meter._current.store(builder.grid_idx, pointers, everywhere)
             return cas(builder, pointers, *args)
 
         for owner, name, value in (
@@ -211,7 +213,7 @@ class TrafficMeter(OpenCustomOps):
             (InterpreterBuilder, "create_masked_store", counted_store), (InterpreterBuilder, "create_dot", counted_dot),
             (InterpreterBuilder, "create_atomic_rmw", counted_rmw), (InterpreterBuilder, "create_atomic_cas", counted_cas),
         ):
-            self._patches.enter_context(_patched(owner, name, value))
+            self._patches.enter_context(patched(owner, name, value))
         return super().__enter__()
 
     def __exit__(self, *exc_info):
@@ -219,16 +221,6 @@ class TrafficMeter(OpenCustomOps):
             return super().__exit__(*exc_info)
         finally:
             self._patches.close()
-
-
-@contextlib.contextmanager
-def _patched(owner, name: str, value):
-    old = owner.__dict__[name]
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, old)
 
 
 def measure(fn: Callable[..., object], *args, **kwargs) -> TrafficMeter:
