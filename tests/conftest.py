@@ -1,6 +1,7 @@
 """Test set-up. The one place that chooses the Triton interpreter: TRITON_INTERPRET=1 when there is no CUDA
 device (set here, before any test module imports Triton), removed when there is one, so that a GPU run
 executes compiled kernels. tests/test_interpreter.py checks that no test module chooses otherwise."""
+import importlib.util
 import os
 
 import numpy as np
@@ -50,10 +51,10 @@ def interpreter_bfloat16(monkeypatch):
     (which widen to float32 first) and casts to and from other floats (through float32) are exact and
     left alone. tests/test_interpreter.py pins each case.
     """
-    if not INTERPRETED:
+    if not INTERPRETED or importlib.util.find_spec("triton") is None:
         return
-    triton_interpreter = pytest.importorskip("triton.runtime.interpreter")
     import triton.language as tl
+    import triton.runtime.interpreter as triton_interpreter
 
     builder = triton_interpreter.InterpreterBuilder
     bf16 = tl.bfloat16
