@@ -181,16 +181,16 @@ class LaunchCapture:
                 "capture launches in a process that imports the kernels without it"
             )
 
-        stack.enter_context(_patched(JITFunction, "run", record))
-        stack.enter_context(_patched(autotuner.Autotuner, "run", record_each_config))
-        stack.enter_context(_patched(InterpretedFunction, "run", refuse))
-        stack.enter_context(_patched(torch.cuda, "get_device_capability", lambda device=None: divmod(self.arch.capability, 10)))
-        stack.enter_context(_patched(torch.cuda, "get_device_properties", lambda device=None: _cuda_properties(self.arch)))
-        stack.enter_context(_patched(driver, "_active", _EmulatedDriver(self.arch)))
+        stack.enter_context(patched(JITFunction, "run", record))
+        stack.enter_context(patched(autotuner.Autotuner, "run", record_each_config))
+        stack.enter_context(patched(InterpretedFunction, "run", refuse))
+        stack.enter_context(patched(torch.cuda, "get_device_capability", lambda device=None: divmod(self.arch.capability, 10)))
+        stack.enter_context(patched(torch.cuda, "get_device_properties", lambda device=None: _cuda_properties(self.arch)))
+        stack.enter_context(patched(driver, "_active", _EmulatedDriver(self.arch)))
         for module in [m for name, m in list(sys.modules.items()) if name.startswith("moe_kernels") and m is not None]:
             resolve = getattr(module, "resolve", None)
             if resolve is not None and getattr(resolve, "__module__", "") == "moe_kernels.backends":
-                stack.enter_context(_patched(module, "resolve", _meta_as_cuda(resolve)))
+                stack.enter_context(patched(module, "resolve", _meta_as_cuda(resolve)))
         stack.enter_context(OpenCustomOps())
         return self
 
@@ -221,7 +221,9 @@ def _meta_as_cuda(resolve):
 
 
 @contextlib.contextmanager
-def _patched(owner, name: str, value):
+def patched(owner, name: str, value):
+    """Sets ``owner.name = value`` for the duration of the context (a class's own attribute, or a module's or
+    object's), then restores it or deletes it if it was not there."""
     missing = object()
     old = owner.__dict__.get(name, missing) if isinstance(owner, type) else getattr(owner, name, missing)
     setattr(owner, name, value)

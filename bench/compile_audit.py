@@ -30,8 +30,10 @@ Python API (other tests and scripts):
     rows = audit(fn, archs=("sm_90a", "sm_80"))   # fn() makes launches (e.g. runs a launcher on meta
                                                   # tensors); one row per launch and arch, facts included
     rows = audit_layers(configs, tokens, dtypes, archs)  # the bench grid; rows carry config and tokens
-    launches = LaunchCapture(...)                 # bench.capture: grids only, nothing compiled
-``audit`` needs kernels defined without TRITON_INTERPRET=1; ``audit_layers`` runs itself in a subprocess
+    process = AuditProcess(configs, tokens, ...)  # the same in a child process: process.result() later
+    with LaunchCapture("sm_90a") as capture: ...  # bench.capture: the launches and grids, nothing compiled
+``audit`` and ``LaunchCapture`` need kernels defined without TRITON_INTERPRET=1 (a JITFunction built
+directly, ``JITFunction(fn)``, is one even under the interpreter); ``audit_layers`` runs in a child process
 without it when this process interprets (as the test suite does on a machine without a GPU).
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +58,7 @@ from typing import Callable, Iterable
 
 import torch
 import triton
+from triton.compiler import ASTSource
 
 from . import configs as bench_configs
 from .capture import ARCHS, Arch, Launch, LaunchCapture
@@ -73,8 +77,6 @@ RESULTS = Path(__file__).parent / "results"
 def compile_key(launch: Launch) -> str:
     """What identifies a compile: the kernel's source hash with its callees, specialisation, options,
     target and the Triton version."""
-    from triton.compiler import ASTSource
-
     source = ASTSource(launch.kernel, launch.signature, launch.constexprs, launch.attrs)
     text = json.dumps([source.hash(), launch.arch, sorted(launch.options.items()), triton.__version__], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -86,8 +88,6 @@ _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (
 
 def _compile(launch: Launch) -> dict:
     """The facts of one compile (module docstring); raises what the compiler raises."""
-    from triton.compiler import ASTSource
-
     triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's report: read it, not a second ptxas
     triton.knobs.compilation.always_compile = True  # a Triton cache hit would skip ptxas and its report
     log = io.StringIO()
@@ -120,6 +120,9 @@ def _failure(error: str) -> dict:
     return {"compiled": False, "error": error}
 
 
+CRASHED = "compiler crashed"
+
+
 def _compile_in_child(launch: Launch) -> tuple[int, int, str]:
     """Forks a child that compiles ``launch`` and writes its facts as JSON; returns (pid, read fd, stderr path)."""
     read_fd, write_fd = os.pipe()
@@ -150,7 +153,7 @@ def _collect(pid: int, read_fd: int, stderr_path: str) -> dict:
     if text:
         return json.loads(text)
     how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
-    return _failure(f"compiler crashed ({how}): {' | '.join(tail)}"[:400])
+    return _failure(f"{CRASHED} ({how}): {' | '.join(tail)}"[:400])
 
 
 def compile_all(launches: list[Launch], cache_dir: Path = DEFAULT_CACHE, jobs: int | None = None) -> list[dict]:
@@ -180,7 +183,8 @@ def compile_all(launches: list[Launch], cache_dir: Path = DEFAULT_CACHE, jobs: i
         for fd in ready:
             key, child = running.pop(fd)
             facts[key] = _collect(*child)
-            (cache_dir / f"{key}.json").write_text(json.dumps(facts[key]))
+            if not facts[key]["error"].startswith(CRASHED):  # a crash may not recur: not cached
+                (cache_dir / f"{key}.json").write_text(json.dumps(facts[key]))
     return [dict(facts[key], key=key) for key in keys]
 
 # ---------------------------------------------------------------------------------------- the audit
@@ -218,8 +222,9 @@ def audit(fn: Callable[[], object], archs: Iterable[str] = ("sm_90a", "sm_80"), 
     """Runs ``fn()`` once per arch inside a LaunchCapture and compiles what it launched: one row per launch
     and arch (kernel, variant, grid, programs, facts of the compile, resident programs per SM, waves).
 
-    ``fn`` builds its own tensors (on the meta device, or tiny CPU ones) and calls launchers, the ops or a
-    layer; it may use ``bench.capture.LaunchCapture.section`` through ``capture_section`` to label passes.
+    ``fn`` builds its own tensors (meta ones: nothing runs) and calls launchers, the ops or a layer. Its
+    rows' "pass" is empty: to label passes, capture with ``bench.capture.LaunchCapture`` and its
+    ``section`` (as ``capture_layer`` does) and compile with ``compile_all``.
     """
     launches = []
     for arch in archs:
@@ -269,23 +274,47 @@ def audit_layers(configs=bench_configs.MODEL_CONFIGS, tokens=TOKENS, dtypes=DTYP
                  cache_dir: Path = DEFAULT_CACHE, jobs: int | None = None) -> list[dict]:
     """The audit of the bench grid: one row per (config, T, dtype, arch, launch), labelled with them.
 
-    Works in any process: where the kernels are interpreted (TRITON_INTERPRET=1) it runs
-    ``python -m bench.compile_audit --json`` in a subprocess without that variable.
+    Where this process interprets the kernels (TRITON_INTERPRET=1) it runs in a child process
+    (``AuditProcess``), else here.
     """
-    if not triton.knobs.runtime.interpret:
-        return _audit_layers_here(configs, tokens, dtypes, archs, cache_dir, jobs)
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "audit.json"
-        environment_ = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-        command = [
-            sys.executable, "-m", "bench.compile_audit", "--json", str(path), "--cache-dir", str(cache_dir),
+    if triton.knobs.runtime.interpret:
+        return AuditProcess(configs, tokens, dtypes, archs, cache_dir, jobs).result()
+    return _audit_layers_here(configs, tokens, dtypes, archs, cache_dir, jobs)
+
+
+class AuditProcess:
+    """``audit_layers`` in a child process without TRITON_INTERPRET (``python -m bench.compile_audit
+    --json``), started at construction: ``result()`` waits for its rows, ``stop()`` ends it."""
+
+    def __init__(self, configs=bench_configs.MODEL_CONFIGS, tokens=TOKENS, dtypes=DTYPES, archs=tuple(ARCHS),
+                 cache_dir: Path = DEFAULT_CACHE, jobs: int | None = None):
+        self._scratch = tempfile.TemporaryDirectory()
+        self._path = Path(self._scratch.name) / "audit.json"
+        self.command = [
+            sys.executable, "-m", "bench.compile_audit", "--json", str(self._path), "--cache-dir", str(cache_dir),
             "--configs-json", json.dumps([asdict(config) for config in configs]), "--tokens", *map(str, tokens),
             "--dtypes", *dtypes, "--archs", *archs, *(["--jobs", str(jobs)] if jobs else []),
         ]
-        done = subprocess.run(command, cwd=Path(__file__).parent.parent, env=environment_, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        return json.loads(path.read_text())["rows"]
+        environment_ = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen(
+            self.command, cwd=Path(__file__).parent.parent, env=environment_, stdout=subprocess.DEVNULL,
+            stderr=self._stderr, text=True, start_new_session=True,  # its own process group, compiles included
+        )
+
+    def result(self) -> list[dict]:
+        code = self._process.wait()
+        if code != 0:
+            self._stderr.seek(0)
+            raise RuntimeError(f"{' '.join(self.command)} failed ({code}):\n{self._stderr.read()[-3000:]}")
+        return json.loads(self._path.read_text())["rows"]
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            self._process.wait()
+        self._scratch.cleanup()
+
 
 # ------------------------------------------------------------------------------------------- report
 

@@ -26,5 +26,10 @@ class OpenCustomOps(TorchDispatchMode):
         definition = OPDEFS.get(func._schema.name) if func.namespace == NAMESPACE else None
         if definition is None:
             return self.on_op(func, args, kwargs)
-        with self:  # the body's own ops come back through this mode
+        # The body's own ops come back through this mode: push it again (the base class's enter, not a
+        # subclass's, which may set up more than the mode).
+        TorchDispatchMode.__enter__(self)
+        try:
             return definition._init_fn(*args, **kwargs)
+        finally:
+            TorchDispatchMode.__exit__(self, None, None, None)

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The whole GPU run in one 10-minute device call: install (no network), GPU tests, layer benchmark (bf16),
-# stage microbenchmarks if time is left. Everything lands flat in $OUT (8 files, what one device call returns):
+# The whole GPU run in one 10-minute device call: install (no network), GPU tests, the sm_90a compile audit and
+# the real-size traffic meter (counted work to set beside the times), layer benchmark (bf16), stage
+# microbenchmarks if time is left. Everything lands flat in $OUT (8 files, what one device call returns):
 #   env.txt          nvidia-smi, python/torch/triton/transformers versions, git commit, pip install -e .
 #   pytest.log       python3 -m pytest tests -x -q
-#   <gpu>-<date>.json/.txt/.png   python3 -m bench.run --device cuda --dtype bfloat16
+#   counted.tar.gz   compile-audit-sm90a.{json,md}: python3 -m bench.compile_audit --archs sm_90a (all configs,
+#                    T and dtypes); traffic-real-<layer>.{json,md}: python3 -m bench.traffic --real --tokens 1
+#                    --forward-only, one process per layer, those that finish within TRAFFIC_S (default 90 s)
+#   <gpu>-<date>.json/.txt   python3 -m bench.run --device cuda --dtype bfloat16 (the .png is left out, to
+#                    keep to 8 files: python3 -m bench.plot <gpu>-<date>.json draws it)
 #   routing-cuda.json/.txt  python3 -m bench.routing (issue 5's routing-stage table)
 #   microbench.txt   python3 -m pytest bench/test_microbench.py (skipped when under 60 s remain)
 # Usage (repository root):  OUT=/tmp/out bash bench/gpu.sh   [BENCH_ARGS="--configs Mixtral"]
@@ -48,6 +53,21 @@ else
   echo "no tests/ in this checkout" > "$OUT/pytest.log"
 fi
 
+# Counted work: what the kernels compile to on this GPU's architecture and what they request at the real sizes
+# (bench/compile_audit.py, bench/traffic.py). The meter runs the kernels under the interpreter on the CPU, one
+# process per layer; a layer that does not finish in TRAFFIC_S leaves no file (the log says so).
+counted=$(mktemp -d)
+timeout 150 python3 -m bench.compile_audit --archs sm_90a --out "$counted" --name compile-audit-sm90a \
+  --jobs "$(nproc)" > "$counted/compile-audit.log" 2>&1
+echo "compile_audit exit: $?" >> "$counted/compile-audit.log"
+for layer in Mixtral Qwen3 DeepSeek Switch Shazeer; do
+  ( timeout "${TRAFFIC_S:-90}" env TRITON_INTERPRET=1 python3 -m bench.traffic --real --configs "$layer" --tokens 1 \
+      --forward-only --out "$counted" --name "traffic-real-$layer"
+    echo "bench.traffic exit: $? (124: stopped at TRAFFIC_S)" ) > "$counted/traffic-$layer.log" 2>&1 &
+done
+wait
+tar -czf "$OUT/counted.tar.gz" -C "$counted" . && rm -rf "$counted"
+
 # The benchmark stops starting new points at its time budget and writes its JSON after each config.
 budget=$(( $(left) - 90 ))
 if [ "$budget" -gt 30 ]; then
@@ -56,7 +76,7 @@ if [ "$budget" -gt 30 ]; then
   status=$?
   txt=$(ls "$OUT"/*.txt 2>/dev/null | grep -v -e env.txt -e microbench.txt | head -1)
   { echo; echo "# bench.run exit: $status; its last stderr lines:"; tail -n 15 "$OUT/bench-stderr.tmp" | tr '\r' '\n' | tail -n 15; } >> "${txt:-$OUT/bench-failed.txt}"
-  rm -f "$OUT/bench-stderr.tmp"
+  rm -f "$OUT/bench-stderr.tmp" "$OUT"/*.png
 fi
 
 if [ "$(left)" -gt 90 ]; then

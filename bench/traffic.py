@@ -63,6 +63,7 @@ from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
 from moe_kernels.pipeline import expert_capacity
 
 from . import configs as bench_configs
+from .capture import patched
 from .dispatch import OpenCustomOps
 from .inputs import route
 from .report import environment
@@ -88,6 +89,7 @@ class KernelCount:
     bytes_stored: int = 0
     macs: int = 0
     useful: set = field(default_factory=set, repr=False)  # program ids that stored something
+    stored_ranges: list = field(default_factory=list, repr=False)  # (first, end) byte address of each store
 
     @property
     def programs(self) -> int:
@@ -107,6 +109,23 @@ class KernelCount:
             "useful_programs": self.useful_programs, "bytes_loaded": self.bytes_loaded,
             "bytes_stored": self.bytes_stored, "macs": self.macs,
         }
+
+    def store(self, program: tuple, pointers, mask: np.ndarray) -> int:
+        """Counts a store of the elements of ``pointers`` where ``mask``; returns its bytes."""
+        addresses = np.broadcast_to(pointers.data, mask.shape)[mask]
+        if not addresses.size:
+            return 0
+        size = _element_bytes(pointers)
+        self.bytes_stored += int(addresses.size) * size
+        self.useful.add(program)
+        self.stored_ranges.append((int(addresses.min()), int(addresses.max()) + size))
+        return int(addresses.size) * size
+
+    def wrote(self, tensor: torch.Tensor) -> bool:
+        """Whether some store of this launch landed in ``tensor``'s storage."""
+        first = tensor.untyped_storage().data_ptr()
+        end = first + tensor.untyped_storage().nbytes()
+        return any(lo < end and hi > first for lo, hi in self.stored_ranges)
 
 
 def _element_bytes(pointers) -> int:
@@ -173,28 +192,20 @@ class TrafficMeter(OpenCustomOps):
             return load(builder, pointers, mask, *args)
 
         def counted_store(builder, pointers, value, mask, *args):
-            stored = int(np.count_nonzero(mask.data))
-            meter._current.bytes_stored += stored * _element_bytes(pointers)
-            if stored:
-                meter._current.useful.add(builder.grid_idx)
+            meter._current.store(builder.grid_idx, pointers, mask.data)
             return store(builder, pointers, value, mask, *args)
 
         def counted_dot(builder, a, b, *args):
             meter._current.macs += int(a.data.size) * int(b.data.shape[-1])
             return dot(builder, a, b, *args)
 
-        def counted_rmw(builder, op, pointers, value, mask, *args):
-            both = int(np.count_nonzero(mask.data)) * _element_bytes(pointers)
-            meter._current.bytes_loaded += both
-            meter._current.bytes_stored += both
-            meter._current.useful.add(builder.grid_idx)
+        def counted_rmw(builder, op, pointers, value, mask, *args):  # reads and writes each element
+            meter._current.bytes_loaded += meter._current.store(builder.grid_idx, pointers, mask.data)
             return rmw(builder, op, pointers, value, mask, *args)
 
         def counted_cas(builder, pointers, *args):
-            both = int(pointers.data.size) * _element_bytes(pointers)
-            meter._current.bytes_loaded += both
-            meter._current.bytes_stored += both
-            meter._current.useful.add(builder.grid_idx)
+            everywhere = np.ones(pointers.data.shape, dtype=bool)
+            meter._current.bytes_loaded += meter._current.store(builder.grid_idx, pointers, everywhere)
             return cas(builder, pointers, *args)
 
         for owner, name, value in (
@@ -202,7 +213,7 @@ class TrafficMeter(OpenCustomOps):
             (InterpreterBuilder, "create_masked_store", counted_store), (InterpreterBuilder, "create_dot", counted_dot),
             (InterpreterBuilder, "create_atomic_rmw", counted_rmw), (InterpreterBuilder, "create_atomic_cas", counted_cas),
         ):
-            self._patches.enter_context(_patched(owner, name, value))
+            self._patches.enter_context(patched(owner, name, value))
         return super().__enter__()
 
     def __exit__(self, *exc_info):
@@ -210,16 +221,6 @@ class TrafficMeter(OpenCustomOps):
             return super().__exit__(*exc_info)
         finally:
             self._patches.close()
-
-
-@contextlib.contextmanager
-def _patched(owner, name: str, value):
-    old = owner.__dict__[name]
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, old)
 
 
 def measure(fn: Callable[..., object], *args, **kwargs) -> TrafficMeter:
@@ -236,15 +237,18 @@ def measure(fn: Callable[..., object], *args, **kwargs) -> TrafficMeter:
 
 @dataclass(frozen=True)
 class Minimum:
-    """What one layer call must do at least (module docstring), for one pass."""
+    """What one layer call must do at least (module docstring), for one pass or part of one."""
 
     bytes: int
     macs: int
 
 
 def minimum(layer, x: torch.Tensor) -> dict[str, Minimum]:
-    """The forward's and the backward's minimum bytes and useful MACs for ``layer`` on x [T, d], from the
-    layer's own routing of x (backend "torch"'s router functions) and its capacity."""
+    """Minimum bytes and useful MACs of ``layer`` on x [T, d]: "forward", "backward" (module docstring) and
+    "weight_gradients", the part of the backward that produces the experts' weight gradients: write the
+    chosen experts' gradients once, read once the operands of their two GEMMs (x and the pre-activation
+    gradient [kept, N_up]; hidden [kept, d_ff] and dy) and the routing weights (float32 per assignment).
+    From the layer's own routing of x (backend "torch"'s router functions) and its capacity."""
     num_tokens, d = x.shape
     k, num_experts, d_ff = layer.k, layer.num_experts, layer.d_ff
     up_width = layer.experts.up_weight.shape[1]
@@ -258,39 +262,50 @@ def minimum(layer, x: torch.Tensor) -> dict[str, Minimum]:
     weights = chosen * sum(p[0].numel() * p.element_size() for p in (layer.experts.up_weight, layer.experts.down_proj))
     tokens = num_tokens * d * element
     logits = num_tokens * num_experts * 4 * (2 if layer.router == "noisy_topk" else 1)
-    saved = kept * d_ff * element + num_tokens * k * (4 + 4)
+    routing = num_tokens * k * (4 + 4)  # weights float32, expert ids int32
+    hidden = kept * d_ff * element
     useful = kept * (d * up_width + d_ff * d)
     return {
         "forward": Minimum(tokens + logits + weights + tokens, useful),
-        "backward": Minimum(2 * tokens + logits + weights + saved + tokens + logits + weights, 2 * useful),
+        "backward": Minimum(2 * tokens + logits + weights + hidden + routing + tokens + logits + weights, 2 * useful),
+        "weight_gradients": Minimum(weights + 2 * tokens + kept * up_width * element + hidden + num_tokens * k * 4, useful),
     }
 
 
-def _pass_row(meter: TrafficMeter, section: str, least: Minimum) -> dict:
+def _pass_row(meter: TrafficMeter, section: str, least: dict[str, Minimum], weight_grads: list[torch.Tensor]) -> dict:
     kernels = [launch for launch in meter.launches if launch.section == section]
     total = sum(launch.bytes for launch in kernels)
     macs = sum(launch.macs for launch in kernels)
     torch_ops = [name for where, name in meter.torch_ops if where == section]
-    return {
+    row = {
         "pass": section,
         "triton_launches": len(kernels), "torch_launches": len(torch_ops),
         "launches": len(kernels) + len(torch_ops), "host_syncs": meter.host_syncs.count(section),
-        "bytes": total, "min_bytes": least.bytes, "bytes_ratio": round(total / least.bytes, 3),
-        "macs": macs, "useful_macs": least.macs, "macs_ratio": round(macs / least.macs, 3) if least.macs else None,
-        "kernels": [launch.as_dict() for launch in kernels],
+        "bytes": total, "min_bytes": least[section].bytes, "bytes_ratio": round(total / least[section].bytes, 3),
+        "macs": macs, "useful_macs": least[section].macs,
+        "macs_ratio": round(macs / least[section].macs, 3) if least[section].macs else None,
+        "kernels": [dict(launch.as_dict(), writes_weight_grad=any(map(launch.wrote, weight_grads))) for launch in kernels],
         "torch_ops": torch_ops,
     }
+    if section == "backward":
+        writers = [launch for launch in kernels if any(map(launch.wrote, weight_grads))]
+        row["weight_grad_bytes"] = sum(launch.bytes for launch in writers)
+        row["weight_grad_min_bytes"] = least["weight_gradients"].bytes
+        row["weight_grad_bytes_ratio"] = round(row["weight_grad_bytes"] / row["weight_grad_min_bytes"], 3)
+    return row
 
 
 def layer_traffic(config, num_tokens: int, dtype: torch.dtype = torch.float16, backward: bool = True, seed: int = 0) -> list[dict]:
     """Counts one forward (and backward) of ``config``'s layer on T random tokens under the interpreter:
-    one row per pass with its totals, the minimum and each kernel's counts (``_pass_row``)."""
+    one row per pass with its totals, the minimum and each kernel's counts (``_pass_row``); the
+    backward's row adds the bytes of the launches that wrote the experts' weight gradients."""
     layer, x = build_layer(config, num_tokens, dtype, "cpu", seed)
     least = minimum(layer, x)
     with TrafficMeter() as meter:
         run_layer(layer, x, section=meter.section, backward=backward)
+    weight_grads = [p.grad for p in (layer.experts.up_weight, layer.experts.down_proj) if p.grad is not None]
     label = {"config": config.name, "tokens": num_tokens, "dtype": str(dtype).removeprefix("torch.")}
-    return [{**label, **_pass_row(meter, section, least[section])} for section in PASSES[: 2 if backward else 1]]
+    return [{**label, **_pass_row(meter, section, least, weight_grads)} for section in PASSES[: 2 if backward else 1]]
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def cuda_layer(backend):
-    skip_unless_runnable(backend, torch.bfloat16)
+    skip_unless_runnable(backend)
     torch.manual_seed(0)
     layer = randomize_(moe_kernels.MoE(64, 96, 8, k=2, capacity_factor=1.25, backend=backend))
     return layer.to("cuda", torch.bfloat16).eval()

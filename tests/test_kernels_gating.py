@@ -6,10 +6,6 @@ to rtol 1e-5; gradients to 1e-5 relative to their scale, as they sum up to E ter
 definition in float64, the accuracy bar: the kernel's largest error against it at most 2× that of float32
 PyTorch for weights and 3× for gradients (flash-attention's rule), plus 1e-6 of the largest value.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import math
 import zlib
 

@@ -4,10 +4,6 @@ With block_m = 1 the kernel must equal backends/pytorch.py's permute exactly; wi
 is that same permutation with every segment moved to start at a multiple of block_m (pipeline's layout).
 Everything is int32, so every comparison is exact.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import zlib
 
 import pytest

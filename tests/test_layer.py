@@ -38,7 +38,7 @@ def _arguments(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_fast_layer_matches_reference(case, dtype, backend):
-    skip_unless_runnable(backend, dtype)
+    skip_unless_runnable(backend)
     arguments, tokens, skew = _arguments(case)
     torch.manual_seed(zlib.crc32(repr(case).encode()))
     reference64, reference_low, fast = layer_triplet(dtype, backend=backend, skew=skew, **arguments)
@@ -65,7 +65,7 @@ MODEL_OPTIONS = [
 def test_model_options_match_reference(name, options, shape, dtype, backend):
     """Shared experts (gated or not), Switch's jitter and per-sequence capacity, both capacities, GPT-OSS's
     biases and clamped interleaved SwiGLU: the fast layer against the float64 reference, in training."""
-    skip_unless_runnable(backend, dtype)
+    skip_unless_runnable(backend)
     if options.get("expert_bias") and backend == "triton":
         pytest.skip("backend 'triton' takes no expert biases yet (it says so: test_functional)")
     torch.manual_seed(zlib.crc32(name.encode()))
@@ -92,7 +92,7 @@ def test_model_options_gradcheck_float64(name, options, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("router", ["topk", "noisy_topk"])
 def test_eval_mode_matches_reference(router, backend):
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     torch.manual_seed(7)
     layers = layer_triplet(torch.float32, backend=backend, d_model=12, d_ff=10, num_experts=6, k=2, router=router)
     layers = [layer.eval().to(device_for(backend)) for layer in layers]
@@ -102,7 +102,7 @@ def test_eval_mode_matches_reference(router, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_parameters_with_half_input(backend):
     """The experts compute in x's dtype; the output keeps it."""
-    skip_unless_runnable(backend, torch.float16)
+    skip_unless_runnable(backend)
     torch.manual_seed(12)
     device = device_for(backend)
     base = randomize_(reference.MoE(16, 24, 4, k=2)).to(device)
@@ -122,7 +122,7 @@ def test_leading_dimensions_are_kept():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)])
 def test_empty_batch_returns_empty_output(shape, backend):
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     layer = randomize_(moe_kernels.MoE(8, 6, 4, k=2, capacity_factor=1.0, backend=backend)).to(device_for(backend))
     x = torch.randn(shape, requires_grad=True, device=device_for(backend))
     y = layer(x)
@@ -134,7 +134,7 @@ def test_empty_batch_returns_empty_output(shape, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("router,k", [("topk", 2), ("noisy_topk", 2), ("switch", 1)])
 def test_non_finite_token_only_changes_its_own_row(router, k, backend):
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     torch.manual_seed(3)
     device = device_for(backend)
     # "manual": the aux loss (a batch statistic, NaN with a NaN token) stays out of this test of the token path.

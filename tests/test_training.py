@@ -12,7 +12,7 @@ from moe_kernels import reference
 
 
 def fast_layer(backend, **arguments):
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     torch.manual_seed(21)
     layer = randomize_(moe_kernels.MoE(**{"d_model": 12, "d_ff": 10, "num_experts": 6, "k": 2, **arguments}, backend=backend))
     return layer.to(device_for(backend))
@@ -64,7 +64,7 @@ def test_no_grad_forward_matches_grad_forward(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unused_experts_and_dropped_assignments_get_exact_zeros(backend):
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     torch.manual_seed(4)
     device = device_for(backend)
     # "manual": the aux loss's gradient (which reaches every token through the router) stays out.

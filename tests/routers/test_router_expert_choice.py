@@ -50,7 +50,7 @@ def test_gradients_by_gradcheck():
 @pytest.mark.parametrize("activation,k,tokens", [("swiglu", 2, 33), ("relu", 1, 7), ("gelu", 6, 20)])
 def test_layer_matches_reference(activation, k, tokens, dtype, backend):
     """The experts' choices through the unchanged grouped GEMMs and combine of each backend."""
-    skip_unless_runnable(backend, dtype)
+    skip_unless_runnable(backend)
     torch.manual_seed(tokens + k)
     layers = layer_triplet(dtype, backend=backend, d_model=12, d_ff=10, num_experts=6, k=k, router="expert_choice",
                            activation=activation)
