@@ -8,11 +8,13 @@ graphs capture the forward (tests/test_cuda_graph.py, on the GPU):
   triton_softmax_topk(logits, k, renormalize) -> (weights, experts)    routers "topk" and "switch"
   triton_softmax_topk_backward(grad_weights, logits, experts, renormalize) -> grad_logits
   triton_permute(experts, num_experts, capacity?, block_m) -> 4 Tensors (a Permutation)
-  triton_expert_up(x, up_weight, <permutation>, activation) -> hidden      (activation: an Activation.spec string)
-  triton_expert_up_backward(grad_hidden, x, up_weight, <permutation>, activation) -> (grad_x, grad_up_weight)
-  triton_expert_down_combine(hidden, down_weight, <permutation>, weights) -> y
-  triton_expert_down_combine_backward(grad_y, hidden, down_weight, <permutation>, weights)
-      -> (grad_hidden, grad_down_weight, grad_weights)
+  triton_expert_up(x, up_weight, up_bias?, <permutation>, activation, store_pre_activation)
+      -> (hidden, pre_activation or an empty [0, N])                 (activation: an Activation.spec string)
+  triton_expert_up_backward(grad_hidden, x, up_weight, up_bias?, <permutation>, activation, pre_activation?)
+      -> [grad_x, grad_up_weight(, grad_up_bias)]
+  triton_expert_down_combine(hidden, down_weight, down_bias?, <permutation>, weights) -> y
+  triton_expert_down_combine_backward(grad_y, hidden, down_weight, down_bias?, <permutation>, weights)
+      -> [grad_hidden, grad_down_weight, grad_weights(, grad_down_bias)]
 
 Names: ``moe_kernels::triton_<stage>`` for the Triton ops here, ``triton_<stage>_backward`` for their
 backward; the C++ ops of csrc/ are ``moe_kernels::<stage>``. Schemas take tensors and scalars only:
@@ -22,9 +24,10 @@ backward; the C++ ops of csrc/ are ``moe_kernels::<stage>``. Schemas take tensor
 Saved for backward, per token (k assignments, R ≈ T·k rows plus padding):
 - triton_softmax_topk keeps the router logits, alive anyway, and the int32 expert ids (4·k bytes); its
   backward recomputes the softmax.
-- expert_up keeps x, up_weight and the permutation, all alive anyway; its backward recomputes the
-  pre-activation inside the kernel that applies the activation's backward, so it saves no activation of
-  its own. Storing the pre-activation instead would cost k·N·itemsize bytes per token (N = 2·d_ff gated).
+- expert_up keeps x, up_weight, up_bias and the permutation, all alive anyway. By default its backward
+  recomputes the pre-activation (GEMM 1 again) inside the kernel that applies the activation's backward,
+  so it saves no activation of its own; with store_pre_activation=True GEMM 1 also writes the
+  pre-activation, k·N·itemsize bytes per token (N = 2·d_ff gated), and the backward reads it instead.
 - expert_down_combine keeps hidden (its input, k·d_ff·itemsize bytes per token, plus padding rows), the
   float32 gate weights (4·k bytes) and the permutation (int32: 4·k for sorted_rows and 4·k for
   sorted_assignments; tokens_per_expert and expert_offsets are per expert). The per-assignment expert
@@ -109,44 +112,59 @@ triton_permute.register_fake(native.permute_fake)
 
 @torch.library.custom_op("moe_kernels::triton_expert_up", mutates_args=())
 def expert_up_op(
-    x: Tensor, up_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor, sorted_rows: Tensor,
-    sorted_assignments: Tensor, activation: str,
-) -> Tensor:
-    """``kernels.grouped_gemm.expert_up_forward``: hidden [R, d_ff]; differentiable in x and up_weight."""
+    x: Tensor, up_weight: Tensor, up_bias: Tensor | None, tokens_per_expert: Tensor, expert_offsets: Tensor,
+    sorted_rows: Tensor, sorted_assignments: Tensor, activation: str, store_pre_activation: bool,
+) -> tuple[Tensor, Tensor]:
+    """``kernels.grouped_gemm.expert_up_forward``: (hidden [R, d_ff], the pre-activation [R, N] when
+    store_pre_activation else an empty [0, N]); hidden is differentiable in x, up_weight and up_bias."""
     permutation = Permutation(tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments)
-    return grouped_gemm.expert_up_forward(x, up_weight, permutation, activation)
+    hidden, pre = grouped_gemm.expert_up_forward(x, up_weight, up_bias, permutation, activation, store_pre_activation)
+    return hidden, pre if pre is not None else x.new_empty(0, up_weight.shape[1])
 
 
 @torch.library.custom_op("moe_kernels::triton_expert_up_backward", mutates_args=())
 def expert_up_backward_op(
-    grad_hidden: Tensor, x: Tensor, up_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor,
-    sorted_rows: Tensor, sorted_assignments: Tensor, activation: str,
-) -> tuple[Tensor, Tensor]:
-    """``kernels.grouped_gemm.expert_up_backward``: (grad_x, grad_up_weight)."""
+    grad_hidden: Tensor, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, tokens_per_expert: Tensor,
+    expert_offsets: Tensor, sorted_rows: Tensor, sorted_assignments: Tensor, activation: str,
+    pre_activation: Tensor | None,
+) -> list[Tensor]:
+    """``kernels.grouped_gemm.expert_up_backward``: [grad_x, grad_up_weight] and grad_up_bias when up_bias
+    is given; from the stored pre-activation when given, else recomputing it."""
     permutation = Permutation(tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments)
-    return grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, permutation, activation)
+    grad_x, grad_up_weight, grad_up_bias = grouped_gemm.expert_up_backward(
+        grad_hidden, x, up_weight, up_bias, permutation, activation, pre_activation
+    )
+    return [grad_x, grad_up_weight] + ([] if grad_up_bias is None else [grad_up_bias])
 
 
 @expert_up_op.register_fake
-def _(x, up_weight, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, activation):
-    n_up = up_weight.shape[1]
-    return x.new_empty(sorted_assignments.shape[0], n_up // 2 if is_gated(activation) else n_up)
+def _(x, up_weight, up_bias, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, activation,
+      store_pre_activation):
+    num_rows, n_up = sorted_assignments.shape[0], up_weight.shape[1]
+    pre = x.new_empty(num_rows if store_pre_activation else 0, n_up)
+    return x.new_empty(num_rows, n_up // 2 if is_gated(activation) else n_up), pre
 
 
 @expert_up_backward_op.register_fake
-def _(grad_hidden, x, up_weight, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, activation):
-    return x.new_empty(x.shape), torch.empty_like(up_weight, memory_format=torch.contiguous_format)
+def _(grad_hidden, x, up_weight, up_bias, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments,
+      activation, pre_activation):
+    grads = [x.new_empty(x.shape), torch.empty_like(up_weight, memory_format=torch.contiguous_format)]
+    return grads + ([] if up_bias is None else [torch.empty_like(up_bias, memory_format=torch.contiguous_format)])
 
 
 def _expert_up_setup_context(ctx, inputs, output):
-    *tensors, activation = inputs
-    ctx.save_for_backward(*tensors)  # x, up_weight and the permutation
+    *tensors, activation, store_pre_activation = inputs
+    ctx.mark_non_differentiable(output[1])
+    # x, up_weight, up_bias and the permutation, all alive anyway; the pre-activation when stored.
+    ctx.save_for_backward(*tensors, output[1] if store_pre_activation else None)
     ctx.activation = activation
 
 
-def _expert_up_backward(ctx, grad_hidden):
-    grad_x, grad_up_weight = expert_up_backward_op(grad_hidden, *ctx.saved_tensors, ctx.activation)
-    return grad_x, grad_up_weight, None, None, None, None, None
+def _expert_up_backward(ctx, grad_hidden, _grad_pre_activation):
+    *tensors, pre_activation = ctx.saved_tensors
+    grads = expert_up_backward_op(grad_hidden, *tensors, ctx.activation, pre_activation)
+    grad_up_bias = grads[2] if len(grads) == 3 else None
+    return grads[0], grads[1], grad_up_bias, None, None, None, None, None, None
 
 
 expert_up_op.register_autograd(_expert_up_backward, setup_context=_expert_up_setup_context)
@@ -156,46 +174,52 @@ expert_up_op.register_autograd(_expert_up_backward, setup_context=_expert_up_set
 
 @torch.library.custom_op("moe_kernels::triton_expert_down_combine", mutates_args=())
 def expert_down_combine_op(
-    hidden: Tensor, down_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor, sorted_rows: Tensor,
-    sorted_assignments: Tensor, weights: Tensor,
+    hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, tokens_per_expert: Tensor, expert_offsets: Tensor,
+    sorted_rows: Tensor, sorted_assignments: Tensor, weights: Tensor,
 ) -> Tensor:
-    """``kernels.grouped_gemm.expert_down_combine_forward``: y [T, d]; differentiable in hidden, down_weight
-    and weights."""
+    """``kernels.grouped_gemm.expert_down_combine_forward``: y [T, d]; differentiable in hidden, down_weight,
+    down_bias and weights."""
     permutation = Permutation(tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments)
-    return grouped_gemm.expert_down_combine_forward(hidden, down_weight, permutation, weights)
+    return grouped_gemm.expert_down_combine_forward(hidden, down_weight, down_bias, permutation, weights)
 
 
 @torch.library.custom_op("moe_kernels::triton_expert_down_combine_backward", mutates_args=())
 def expert_down_combine_backward_op(
-    grad_y: Tensor, hidden: Tensor, down_weight: Tensor, tokens_per_expert: Tensor, expert_offsets: Tensor,
-    sorted_rows: Tensor, sorted_assignments: Tensor, weights: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``kernels.grouped_gemm.expert_down_combine_backward``: (grad_hidden, grad_down_weight, grad_weights)."""
+    grad_y: Tensor, hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, tokens_per_expert: Tensor,
+    expert_offsets: Tensor, sorted_rows: Tensor, sorted_assignments: Tensor, weights: Tensor,
+) -> list[Tensor]:
+    """``kernels.grouped_gemm.expert_down_combine_backward``: [grad_hidden, grad_down_weight, grad_weights]
+    and grad_down_bias when down_bias is given."""
     permutation = Permutation(tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments)
-    return grouped_gemm.expert_down_combine_backward(grad_y, hidden, down_weight, permutation, weights)
+    grad_hidden, grad_down_weight, grad_down_bias, grad_weights = grouped_gemm.expert_down_combine_backward(
+        grad_y, hidden, down_weight, down_bias, permutation, weights
+    )
+    return [grad_hidden, grad_down_weight, grad_weights] + ([] if grad_down_bias is None else [grad_down_bias])
 
 
 @expert_down_combine_op.register_fake
-def _(hidden, down_weight, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, weights):
+def _(hidden, down_weight, down_bias, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, weights):
     return hidden.new_empty(sorted_rows.shape[0], down_weight.shape[1])
 
 
 @expert_down_combine_backward_op.register_fake
-def _(grad_y, hidden, down_weight, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, weights):
-    return (
+def _(grad_y, hidden, down_weight, down_bias, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments, weights):
+    grads = [
         torch.empty_like(hidden, memory_format=torch.contiguous_format),
         torch.empty_like(down_weight, memory_format=torch.contiguous_format),
         weights.new_empty(weights.shape),
-    )
+    ]
+    return grads + ([] if down_bias is None else [torch.empty_like(down_bias, memory_format=torch.contiguous_format)])
 
 
 def _expert_down_combine_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # hidden, down_weight, the permutation and weights
+    ctx.save_for_backward(*inputs)  # hidden, down_weight, down_bias, the permutation and weights
 
 
 def _expert_down_combine_backward(ctx, grad_y):
-    grad_hidden, grad_down_weight, grad_weights = expert_down_combine_backward_op(grad_y, *ctx.saved_tensors)
-    return grad_hidden, grad_down_weight, None, None, None, None, grad_weights
+    grads = expert_down_combine_backward_op(grad_y, *ctx.saved_tensors)
+    grad_down_bias = grads[3] if len(grads) == 4 else None
+    return grads[0], grads[1], grad_down_bias, None, None, None, None, grads[2]
 
 
 expert_down_combine_op.register_autograd(_expert_down_combine_backward, setup_context=_expert_down_combine_setup_context)
@@ -214,12 +238,19 @@ def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: in
     return Permutation(*triton_permute(experts, num_experts, capacity, block_m))
 
 
-def expert_up(x: Tensor, up_weight: Tensor, permutation: Permutation, activation: str | Activation) -> Tensor:
-    """hidden [R, d_ff] = act(x[token(r)] · up_weight[e(r)]ᵀ); differentiable in x and up_weight."""
-    return expert_up_op(x, up_weight, *permutation, resolve(activation).spec)
+def expert_up(
+    x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: str | Activation,
+    store_pre_activation: bool = False,
+) -> Tensor:
+    """hidden [R, d_ff] = act(x[token(r)] · up_weight[e(r)]ᵀ + up_bias[e(r)]); differentiable in x, up_weight
+    and up_bias. store_pre_activation: keep the [R, N] pre-activation for backward instead of recomputing
+    GEMM 1 there (module docstring)."""
+    return expert_up_op(x, up_weight, up_bias, *permutation, resolve(activation).spec, store_pre_activation)[0]
 
 
-def expert_down_combine(hidden: Tensor, down_weight: Tensor, permutation: Permutation, weights: Tensor) -> Tensor:
-    """y [T, d] = Σ_s weights[t, s]·(hidden[row(t, s)] · down_weight[e]ᵀ); differentiable in hidden,
-    down_weight and weights."""
-    return expert_down_combine_op(hidden, down_weight, *permutation, weights)
+def expert_down_combine(
+    hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, permutation: Permutation, weights: Tensor
+) -> Tensor:
+    """y [T, d] = Σ_s weights[t, s]·(hidden[row(t, s)] · down_weight[e]ᵀ + down_bias[e]); differentiable in
+    hidden, down_weight, down_bias and weights."""
+    return expert_down_combine_op(hidden, down_weight, down_bias, *permutation, weights)

@@ -61,8 +61,6 @@ def run(function, tensors, dtype, device, activation, dy):
 @pytest.mark.parametrize("activation,biases", [("swiglu", False), ("relu", False), ("gpt_oss_swiglu", True), ("geglu", True)])
 def test_experts_forward_matches_loop(activation, biases, dtype, backend):
     skip_unless_runnable(backend)
-    if biases and backend == "triton":
-        pytest.skip("backend 'triton' takes no expert biases yet (it says so: test_triton_refuses_biases)")
     torch.manual_seed(zlib.crc32(f"{activation}{biases}".encode()))
     tensors = problem(activation, biases=biases)
     dy = torch.randn(tensors["x"].shape, dtype=torch.float64)
@@ -77,14 +75,6 @@ def test_experts_forward_matches_loop(activation, biases, dtype, backend):
     assert_close(actual[0], baseline[0], exact[0], dtype, 2, "y")
     for name, a, b, e in zip([n for n, t in tensors.items() if t.is_floating_point()], actual[1], baseline[1], exact[1]):
         assert_close(a, b, e, dtype, 3, f"grad of {name}")
-
-
-def test_triton_refuses_biases():
-    skip_unless_runnable("triton", torch.float32)
-    tensors = problem("swiglu", biases=True)
-    tensors = {name: (t.float() if t.is_floating_point() else t).to(device_for("triton")) for name, t in tensors.items()}
-    with pytest.raises(NotImplementedError, match="up_bias"):
-        moe_kernels.experts_forward(**tensors, backend="triton")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ precision: ~2e-7 for float32 (the float64 reference itself combines in float32),
 NaN-filled while the kernels run, so any read of a row no kernel wrote (padding, dropped assignments)
 shows up as NaN in the results.
 """
+import dataclasses
 import importlib
 import math
 import os
@@ -46,7 +47,7 @@ def make_experts(num_tokens: int, k: int, num_experts: int, routing: str) -> tor
 class Problem:
     """Random inputs of one layer, its permutation, and the float64 reference through backend "torch"."""
 
-    def __init__(self, num_tokens, k, num_experts, d, d_ff, activation, block_m, routing, capacity_factor, dtype):
+    def __init__(self, num_tokens, k, num_experts, d, d_ff, activation, block_m, routing, capacity_factor, dtype, biases=False):
         self.activation = activation
         experts = make_experts(num_tokens, k, num_experts, routing)
         capacity = expert_capacity(capacity_factor, num_tokens, k, num_experts)
@@ -63,18 +64,23 @@ class Problem:
         self.down_weight = representable(torch.randn(num_experts, d, d_ff, dtype=torch.float64) / math.sqrt(d_ff))
         self.weights = torch.rand(num_tokens, k, dtype=torch.float32).double()
         self.grad_y = representable(torch.randn(num_tokens, d, dtype=torch.float64))
+        self.up_bias = representable(torch.randn(num_experts, n_up, dtype=torch.float64)) if biases else None
+        self.down_bias = representable(torch.randn(num_experts, d, dtype=torch.float64)) if biases else None
         self.dtype = dtype
 
     def cast(self, tensor):
         return tensor.to(device=DEVICE, dtype=self.dtype)
 
     def reference(self):
-        """Forward and gradients of the torch stages in float64 (block_m = 1 rows, mapped back per assignment)."""
-        leaves = [t.clone().requires_grad_() for t in (self.x, self.up_weight, self.down_weight, self.weights)]
-        x, up_weight, down_weight, weights = leaves
-        hidden = torch_backend.expert_up(x, up_weight, None, self.reference_permutation, self.activation)
+        """Forward and gradients of the torch stages in float64 (block_m = 1 rows, mapped back per assignment):
+        hidden, y, d(hidden) and the gradients of x, up_weight, down_weight, weights (and the biases)."""
+        tensors = (self.x, self.up_weight, self.down_weight, self.weights, self.up_bias, self.down_bias)
+        leaves = [t.clone().requires_grad_() for t in tensors if t is not None]
+        x, up_weight, down_weight, weights, *biases = leaves
+        up_bias, down_bias = biases or (None, None)
+        hidden = torch_backend.expert_up(x, up_weight, up_bias, self.reference_permutation, self.activation)
         hidden.retain_grad()
-        y = torch_backend.expert_down_combine(hidden, down_weight, None, self.reference_permutation, weights)
+        y = torch_backend.expert_down_combine(hidden, down_weight, down_bias, self.reference_permutation, weights)
         y.backward(self.grad_y)
         return hidden.detach(), y.detach(), hidden.grad, [leaf.grad for leaf in leaves]
 
@@ -123,17 +129,17 @@ def test_forward_and_backward_match_torch_backend(case, dtype, poisoned_allocati
     x, up_weight, down_weight = problem.cast(problem.x), problem.cast(problem.up_weight), problem.cast(problem.down_weight)
     weights = problem.weights.float().to(DEVICE)
 
-    hidden = grouped_gemm.expert_up_forward(x, up_weight, permutation, problem.activation)
-    y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, permutation, weights)
+    hidden = grouped_gemm.expert_up_forward(x, up_weight, None, permutation, problem.activation)[0]
+    y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, None, permutation, weights)
     assert hidden.dtype == dtype and y.dtype == dtype
     assert hidden.shape[0] == num_sorted_rows(x.shape[0], case[1], case[2], case[6])
     assert_close(problem.kept_rows(hidden, permutation), problem.kept_rows(hidden_ref, problem.reference_permutation), dtype)
     assert_close(y, y_ref, dtype)
 
-    grad_hidden, grad_down_weight, grad_weights = grouped_gemm.expert_down_combine_backward(
-        problem.cast(problem.grad_y), hidden, down_weight, permutation, weights
+    grad_hidden, grad_down_weight, _, grad_weights = grouped_gemm.expert_down_combine_backward(
+        problem.cast(problem.grad_y), hidden, down_weight, None, permutation, weights
     )
-    grad_x, grad_up_weight = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, permutation, problem.activation)
+    grad_x, grad_up_weight, _ = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, None, permutation, problem.activation)
     grad_x_ref, grad_up_ref, grad_down_ref, grad_weights_ref = grads_ref
     assert_close(problem.kept_rows(grad_hidden, permutation), problem.kept_rows(grad_hidden_ref, problem.reference_permutation), dtype)
     assert_close(grad_x, grad_x_ref, dtype)
@@ -150,17 +156,17 @@ def test_forward_and_backward_match_torch_backend(case, dtype, poisoned_allocati
 
 def test_empty_batch_launches_nothing(monkeypatch):
     permutation = Permutation(*(t.to(DEVICE) for t in padded_permutation(torch_backend.permute(torch.zeros(0, 2, dtype=torch.long), 4, None), 16)))
-    for launcher in ("_up_launch", "_rows_to_assignments", "_expert_weight_grad", "combine", "_expert_down_bwd_kernel"):
+    for launcher in ("_up_launch", "_rows_times_weights", "_expert_weight_grad", "combine", "_expert_down_bwd_kernel"):
         monkeypatch.setattr(grouped_gemm, launcher, None)
     x = torch.randn(0, 19, device=DEVICE)
     up_weight = torch.randn(4, 74, 19, device=DEVICE)
     down_weight = torch.randn(4, 19, 37, device=DEVICE)
     weights = torch.rand(0, 2, device=DEVICE)
-    hidden = grouped_gemm.expert_up_forward(x, up_weight, permutation, "swiglu")
-    y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, permutation, weights)
+    hidden = grouped_gemm.expert_up_forward(x, up_weight, None, permutation, "swiglu")[0]
+    y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, None, permutation, weights)
     assert hidden.shape == (num_sorted_rows(0, 2, 4, 16), 37) and y.shape == (0, 19)
-    grad_hidden, grad_down_weight, grad_weights = grouped_gemm.expert_down_combine_backward(y, hidden, down_weight, permutation, weights)
-    grad_x, grad_up_weight = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, permutation, "swiglu")
+    grad_hidden, grad_down_weight, _, grad_weights = grouped_gemm.expert_down_combine_backward(y, hidden, down_weight, None, permutation, weights)
+    grad_x, grad_up_weight, _ = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, None, permutation, "swiglu")
     assert grad_x.shape == (0, 19) and grad_weights.shape == (0, 2)
     assert (grad_up_weight == 0).all() and (grad_down_weight == 0).all()
 
@@ -179,10 +185,10 @@ def test_strided_inputs_and_nan_token(poisoned_allocations):
     grad_y = torch.stack([problem.grad_y.float(), torch.zeros_like(problem.grad_y.float())], dim=2)[:, :, 0].to(DEVICE)
     assert not x.is_contiguous() and not up_weight.is_contiguous() and not grad_y.is_contiguous()
 
-    hidden = grouped_gemm.expert_up_forward(x, up_weight, permutation, "swiglu")
-    y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, permutation, weights)
-    grad_hidden, _, grad_weights = grouped_gemm.expert_down_combine_backward(grad_y, hidden, down_weight, permutation, weights)
-    grad_x, _ = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, permutation, "swiglu")
+    hidden = grouped_gemm.expert_up_forward(x, up_weight, None, permutation, "swiglu")[0]
+    y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, None, permutation, weights)
+    grad_hidden, _, _, grad_weights = grouped_gemm.expert_down_combine_backward(grad_y, hidden, down_weight, None, permutation, weights)
+    grad_x, _, _ = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, None, permutation, "swiglu")
 
     nan_rows = torch.zeros(60, dtype=torch.bool)
     nan_rows[7] = (problem.reference_permutation.sorted_rows[7] >= 0).any()
@@ -202,10 +208,10 @@ def test_results_are_bitwise_deterministic():
     weights, grad_y = problem.weights.float().to(DEVICE), problem.cast(problem.grad_y)
 
     def run():
-        hidden = grouped_gemm.expert_up_forward(x, up_weight, problem.permutation, "swiglu")
-        y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, problem.permutation, weights)
-        grad_hidden, grad_down, grad_weights = grouped_gemm.expert_down_combine_backward(grad_y, hidden, down_weight, problem.permutation, weights)
-        grad_x, grad_up = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, problem.permutation, "swiglu")
+        hidden = grouped_gemm.expert_up_forward(x, up_weight, None, problem.permutation, "swiglu")[0]
+        y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, None, problem.permutation, weights)
+        grad_hidden, grad_down, _, grad_weights = grouped_gemm.expert_down_combine_backward(grad_y, hidden, down_weight, None, problem.permutation, weights)
+        grad_x, grad_up, _ = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, None, problem.permutation, "swiglu")
         return y, grad_x, grad_up, grad_down, grad_weights
 
     for first, second in zip(run(), run()):
@@ -220,11 +226,85 @@ def test_combine_skips_dropped_slots_and_sums_in_slot_order():
     assert torch.equal(combine(per_assignment, sorted_rows).cpu(), torch.tensor([[1.0, 2.0], [8.0, 10.0]]))
 
 
-def test_block_m_for_contract():
-    sizes = [tiles.block_m_for(num_tokens, k, num_experts) for num_tokens in (0, 1, 150, 4096, 65536) for k in (1, 2, 8) for num_experts in (1, 8, 64)]
-    assert set(sizes) <= {16, 32, 64}
-    assert tiles.block_m_for(0, 2, 8) == 16 and tiles.block_m_for(65536, 8, 8) == 64
-    assert [tiles.block_m_for(t, 2, 8) for t in (1, 1024, 4096)] == sorted(tiles.block_m_for(t, 2, 8) for t in (1, 1024, 4096))
+# Tile choices the policy makes on other GPUs or at other shapes than these small problems, forced through
+# tiles.overridden: the sm_80 layout (no A/B swap), prefill tiles (several row tiles per expert, GROUP_M
+# order), split-K (GEMM 2 and the d(x) GEMM reduce their partials in the combine), minimal tiles.
+VARIANTS = {
+    "policy": {},
+    "no-swap": dict(swap_ab=False),
+    "prefill": dict(block_m=16, block_n=16, block_k=16, group_m=4, swap_ab=False),
+    "split-k": dict(block_k=16, split_k=2),
+    "tiny-swapped": dict(block_m=16, block_n=16, block_k=16, group_m=2, swap_ab=True),
+}
+
+
+def forced(variant):
+    """An override that applies VARIANTS[variant] to every row GEMM (split-K only where it may split)."""
+    def override(kind, shape, chosen):
+        if kind != "row":
+            return chosen
+        changes = dict(VARIANTS[variant])
+        if not shape["may_split_k"]:
+            changes.pop("split_k", None)
+        return dataclasses.replace(chosen, **changes)
+    return override
+
+
+# (T, k, E, d, d_ff, activation, block_m, routing, capacity_factor): k = 1 with drops (GEMM 2 writes y
+# itself and zero-fills the dropped tokens), k = 2 on a padded layout, every token on expert 0.
+BIAS_CASES = [
+    (70, 1, 4, 19, 37, "relu", 1, "uniform", 0.75),
+    (70, 2, 4, 19, 37, "swiglu", 16, "uniform", None),
+    (70, 2, 4, 19, 37, "gpt_oss_swiglu", 1, "skewed", None),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", BIAS_CASES, ids=["k1-drops", "k2-padded", "skewed-interleaved"])
+def test_biases_and_tile_variants(case, variant, poisoned_allocations):
+    """Forward and backward with expert biases, float32, under each forced tile variant."""
+    torch.manual_seed(4)
+    problem = Problem(*case, dtype=torch.float32, biases=True)
+    permutation = problem.permutation
+    hidden_ref, y_ref, _, grads_ref = problem.reference()
+    x, up_weight, down_weight = problem.cast(problem.x), problem.cast(problem.up_weight), problem.cast(problem.down_weight)
+    up_bias, down_bias = problem.cast(problem.up_bias), problem.cast(problem.down_bias)
+    weights = problem.weights.float().to(DEVICE)
+    with tiles.overridden(forced(variant)):
+        hidden, _ = grouped_gemm.expert_up_forward(x, up_weight, up_bias, permutation, problem.activation)
+        y = grouped_gemm.expert_down_combine_forward(hidden, down_weight, down_bias, permutation, weights)
+        grad_hidden, grad_down_weight, grad_down_bias, grad_weights = grouped_gemm.expert_down_combine_backward(
+            problem.cast(problem.grad_y), hidden, down_weight, down_bias, permutation, weights
+        )
+        grad_x, grad_up_weight, grad_up_bias = grouped_gemm.expert_up_backward(
+            grad_hidden, x, up_weight, up_bias, permutation, problem.activation
+        )
+    assert_close(problem.kept_rows(hidden, permutation), problem.kept_rows(hidden_ref, problem.reference_permutation), torch.float32)
+    assert_close(y, y_ref, torch.float32)
+    for actual, expected in zip((grad_x, grad_up_weight, grad_down_weight, grad_weights, grad_up_bias, grad_down_bias), grads_ref):
+        assert_close(actual, expected, torch.float32)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_stored_pre_activation_gives_the_recomputed_gradients(activation, poisoned_allocations):
+    """store_pre_activation: GEMM 1 writes the pre-activation and the backward reads it instead of
+    recomputing it; the gradients agree with the recomputing path (both float32, same kernels' sums)."""
+    torch.manual_seed(5)
+    problem = Problem(70, 2, 4, 19, 37, activation, 1, "uniform", None, torch.float32, biases=True)
+    permutation = problem.permutation
+    x, up_weight, up_bias = problem.cast(problem.x), problem.cast(problem.up_weight), problem.cast(problem.up_bias)
+    grad_hidden = torch.randn(permutation.sorted_assignments.shape[0], 37, device=DEVICE)
+    _, pre = grouped_gemm.expert_up_forward(x, up_weight, up_bias, permutation, activation, store_pre_activation=True)
+    assert pre.shape == (permutation.sorted_assignments.shape[0], up_weight.shape[1])
+    for expert in range(4):
+        start, count = permutation.expert_offsets[expert].item(), permutation.tokens_per_expert[expert].item()
+        rows = slice(start, start + count)
+        expected_pre = x[permutation.sorted_assignments[rows].long() // 2] @ up_weight[expert].t() + up_bias[expert]
+        assert_close(pre[rows], expected_pre.double(), torch.float32)
+    stored = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, up_bias, permutation, activation, pre)
+    recomputed = grouped_gemm.expert_up_backward(grad_hidden, x, up_weight, up_bias, permutation, activation)
+    for actual, expected in zip(stored, recomputed):
+        assert_close(actual, expected.double(), torch.float32)
 
 
 @pytest.mark.parametrize("activation,block_m", [("swiglu", 16), ("gelu", 1), (CLAMPED, 16)], ids=["swiglu", "gelu", "clamped"])
@@ -238,8 +318,8 @@ def test_autograd_functions_gradcheck_float64(activation, block_m):
     inputs = [t.clone().requires_grad_() for t in (problem.x, problem.up_weight, problem.down_weight, problem.weights)]
 
     def layer(x, up_weight, down_weight, weights):
-        hidden = ops.expert_up(x, up_weight, permutation, activation)
-        return ops.expert_down_combine(hidden, down_weight, permutation, weights)
+        hidden = ops.expert_up(x, up_weight, None, permutation, activation)
+        return ops.expert_down_combine(hidden, down_weight, None, permutation, weights)
 
     # fast_mode: random projections of the Jacobian, a few dozen interpreted launches instead of ~1000.
     assert torch.autograd.gradcheck(layer, inputs, eps=1e-6, atol=1e-8, fast_mode=True)

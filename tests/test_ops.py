@@ -57,9 +57,9 @@ def test_opcheck_expert_up(activation, layout):
     n_up = 2 * D_FF if activation == "swiglu" else D_FF
     x = torch.randn(NUM_TOKENS, D, device=DEVICE, requires_grad=True)
     up_weight = torch.randn(NUM_EXPERTS, n_up, D, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(ops.expert_up_op, (x, up_weight, *permutation, activation), test_utils=test_utils)
+    torch.library.opcheck(ops.expert_up_op, (x, up_weight, None, *permutation, activation, False), test_utils=test_utils)
     grad_hidden = torch.randn(permutation.sorted_assignments.shape[0], D_FF, device=DEVICE)
-    torch.library.opcheck(ops.expert_up_backward_op, (grad_hidden, x.detach(), up_weight.detach(), *permutation, activation))
+    torch.library.opcheck(ops.expert_up_backward_op, (grad_hidden, x.detach(), up_weight.detach(), None, *permutation, activation, None))
 
 
 @pytest.mark.parametrize("layout", PERMUTATIONS)
@@ -69,9 +69,9 @@ def test_opcheck_expert_down_combine(layout):
     hidden = torch.randn(permutation.sorted_assignments.shape[0], D_FF, device=DEVICE, requires_grad=True)
     down_weight = torch.randn(NUM_EXPERTS, D, D_FF, device=DEVICE, requires_grad=True)
     weights = torch.rand(NUM_TOKENS, K, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(ops.expert_down_combine_op, (hidden, down_weight, *permutation, weights), test_utils=test_utils)
+    torch.library.opcheck(ops.expert_down_combine_op, (hidden, down_weight, None, *permutation, weights), test_utils=test_utils)
     grad_y = torch.randn(NUM_TOKENS, D, device=DEVICE)
-    arguments = (grad_y, hidden.detach(), down_weight.detach(), *permutation, weights.detach())
+    arguments = (grad_y, hidden.detach(), down_weight.detach(), None, *permutation, weights.detach())
     torch.library.opcheck(ops.expert_down_combine_backward_op, arguments, test_utils=test_utils)
 
 

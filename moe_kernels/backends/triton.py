@@ -17,7 +17,7 @@ class TritonBackend:
 
     @staticmethod
     def block_m(num_tokens: int, slots: int, num_experts: int) -> int:
-        # Segments padded to the GEMMs' tile height, so that each tile runs one expert.
+        # The tile policy decides (today 1: the GEMMs find each tile's expert, no padding needed).
         return block_m_for(num_tokens, slots, num_experts)
 
     def permute(self, experts: Tensor, num_experts: int, capacity: int | None) -> Permutation:
@@ -27,16 +27,9 @@ class TritonBackend:
     def expert_up(
         self, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation
     ) -> Tensor:
-        _refuse_bias(up_bias, "up_bias")
-        return ops.expert_up(x, up_weight, permutation, activation)
+        return ops.expert_up(x, up_weight, up_bias, permutation, activation)
 
     def expert_down_combine(
         self, hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, permutation: Permutation, weights: Tensor
     ) -> Tensor:
-        _refuse_bias(down_bias, "down_bias")
-        return ops.expert_down_combine(hidden, down_weight, permutation, weights)
-
-
-def _refuse_bias(bias: Tensor | None, name: str) -> None:
-    if bias is not None:
-        raise NotImplementedError(f"backend 'triton' does not take {name} yet (issue 12/13: expert biases); use backend 'torch'")
+        return ops.expert_down_combine(hidden, down_weight, down_bias, permutation, weights)

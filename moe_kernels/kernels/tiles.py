@@ -1,61 +1,184 @@
-"""Tile and layout policy: the one place where tile sizes, warps and stages of every kernel are chosen.
+"""Tile and layout policy: the one place where tile sizes, warps, stages and program order of every kernel
+are chosen.
 
-Every launcher asks this module; no launcher picks a tile of its own. The choices are functions of shapes
-and dtypes only (never of routing values), so a layer call never waits on the device to choose.
+Every launcher asks this module; no launcher picks a tile of its own. The choices are functions of shapes,
+dtypes and the GPU architecture only (never of routing values), so a layer call never waits on the device
+to choose.
 
-- ``block_m_for``: the tile height the permutation pads each expert's segment to (a layout decision: the
-  grouped GEMMs' BLOCK_M must equal it for one expert per tile).
-- ``gemm_tiles``: BLOCK_M/N/K, num_warps, num_stages of a grouped GEMM launch.
+- ``block_m_for``: the tile height the permutation pads each expert's segment to.
+- ``row_gemm_tiles``: a grouped GEMM over sorted rows (GEMM 1, GEMM 2, and the backward's d(hidden) and
+  d(x) GEMMs): BLOCK_M/N/K, split-K, A/B swap, GROUP_M program order, num_warps/stages.
+- ``weight_grad_tiles``: the weight-gradient GEMMs (a sum over each expert's rows).
 - ``gating_tiles``, ``permute_chunk``, ``combine_block_d``: the small kernels' launch shapes.
+- ``arch``: the architecture a launch plans for; ``overridden``: the hook for a tuning run on a GPU.
 
-None of it is tuned on a GPU yet; each function says where its numbers come from.
+Where the numbers come from: the compile audit (``python -m bench.compile_audit``: wgmma vs mma.sync,
+registers, spills, shared memory on sm_90a and sm_80) and the traffic meter (``python -m bench.traffic``:
+bytes requested and MACs executed), both run on the CPU. Nothing here is timed on a GPU yet: the first GPU
+run should tune through ``overridden``.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import triton
 
+# SMs of an H100 SXM: the number of programs a decode-sized GEMM should give useful work (issue 10), so
+# that every SM streams weights. A fixed number, not the device's, so that the split-K reduction order
+# (and so the bits of the result) does not depend on which GPU runs it.
+NUM_SMS = 132
+
 
 @dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and launch parameters of one grouped GEMM launch."""
+class GemmTiles:
+    """Tiles and launch parameters of one grouped GEMM launch.
+
+    block_m: sorted rows per tile (one expert per tile); block_n: output columns per program (per half of
+    a gated GEMM 1); block_k: the reduction step; split_k: programs sharing one tile's reduction (their
+    float32 partials summed in a fixed order afterwards); swap_ab: the tile is computed transposed
+    (weightsᵀ · rowsᵀ) so that the MMA's M dimension is block_n, which lets Hopper's wgmma (M ≥ 64) run
+    short row tiles; group_m: row tiles visited together per column band (L2 reuse of the weights).
+    """
 
     block_m: int
     block_n: int
     block_k: int
+    split_k: int
+    swap_ab: bool
+    group_m: int
     num_warps: int
     num_stages: int
 
 
+# The tuning hook: a function (kind, shape, tiles) -> tiles, or None. Set only through ``overridden``.
+_override: Callable[[str, dict, GemmTiles], GemmTiles] | None = None
+
+
+@contextlib.contextmanager
+def overridden(override: Callable[[str, dict, GemmTiles], GemmTiles]) -> Iterator[None]:
+    """Within the block, every GEMM launch takes ``override(kind, shape, tiles)`` instead of ``tiles``.
+
+    kind: "row" or "weight_grad"; shape: the policy function's arguments as a dict; tiles: its choice.
+    For a tuning run on a GPU and for tests that force a variant; not for production paths.
+    """
+    global _override
+    outer, _override = _override, override
+    try:
+        yield
+    finally:
+        _override = outer
+
+
+def _decided(kind: str, shape: dict, tiles: GemmTiles) -> GemmTiles:
+    if _override is not None:
+        tiles = _override(kind, shape, tiles)
+        if tiles.split_k != 1 and not (kind == "row" and shape["may_split_k"]):
+            raise ValueError(f"split_k={tiles.split_k} for a {kind} GEMM that cannot reduce split partials: {shape}")
+    return tiles
+
+
+def arch(device: torch.device) -> int:
+    """Compute capability × 10 that a launch on ``device`` plans for: the CUDA device's; for CPU tensors
+    (the Triton interpreter, which runs any tile) 90, so that the meter counts what an H100 would run."""
+    if device.type == "cpu":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device if device.type == "cuda" else None)
+    return 10 * major + minor
+
+
 def block_m_for(num_tokens: int, k: int, num_experts: int) -> int:
-    """The tile height the permutation is padded to, from shapes only: 16, 32 or 64.
+    """The tile height the permutation pads each expert's segment to: 1, no padding.
 
-    At least 16 because tl.dot needs 16 rows. Padding costs up to E·(block_m − 1) rows next to the T·k real
-    ones, so taller tiles wait until experts average enough rows (≥ 256, ≥ 1024) to keep it a few percent.
+    The grouped GEMMs find each tile's expert from tokens_per_expert (a row tile never spans two experts
+    whatever the layout), so padding would only cost memory: E·(block_m − 1) rows of hidden.
     """
+    return 1
+
+
+def _prev_power_of_2(value: float) -> int:
+    return 1 << max(0, math.floor(math.log2(max(value, 1.0))))
+
+
+def _is_16_bit(dtype: torch.dtype) -> bool:
+    return dtype.itemsize == 2
+
+
+def row_gemm_tiles(
+    num_rows: int, num_tokens: int, k: int, num_experts: int, n_out: int, n_in: int, dtype: torch.dtype,
+    arch: int, halves: int = 1, may_split_k: bool = False,
+) -> GemmTiles:
+    """Tiles of a grouped GEMM over sorted rows: [rows of one expert, n_in] · W[e]ᵀ → [rows, n_out·halves].
+
+    num_rows: R, rows of the permutation; num_tokens, k: the routing's T and S (rows per expert ≈ T·k/E);
+    halves: 2 for a gated GEMM 1 (gate and up columns share the row tile); may_split_k: the launcher can
+    reduce split-K partials (GEMM 2's combine can).
+
+    Two regimes, by the expected rows per expert μ = T·k/E:
+    - Decode (μ < 32): block_m covers ~2μ rows (16 to 64) so that each expert's rows take one tile and its
+      weights are read once (traffic meter: issue 10's bytes); block_n shrinks (down to 16) until the
+      expected useful programs (experts with rows × column blocks) reach NUM_SMS, and where even 16
+      columns cannot, split-K takes the rest. block_k 128 for 16-bit inputs: long contiguous weight rows.
+    - Prefill (μ ≥ 32): block_m = μ/4 rounded down to a power of two in [16, 128], which keeps the
+      padding of a partial last tile near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
+      μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated), GROUP_M = 8.
+    On sm_90, tiles shorter than 64 rows are computed swapped (swap_ab) so that they still compile to
+    wgmma (compile audit); sm_80 runs mma.sync either way.
+    """
+    shape = dict(num_rows=num_rows, num_tokens=num_tokens, k=k, num_experts=num_experts, n_out=n_out, n_in=n_in,
+                 dtype=dtype, arch=arch, halves=halves, may_split_k=may_split_k)
     rows_per_expert = num_tokens * k / max(num_experts, 1)
-    if rows_per_expert >= 1024:
-        return 64
-    if rows_per_expert >= 256:
-        return 32
-    return 16
+    narrow = _is_16_bit(dtype)
+    if rows_per_expert < 32:
+        longest = max(16, triton.next_power_of_2(max(min(num_tokens, num_rows), 1)))
+        block_m = min(64, longest, max(16, triton.next_power_of_2(math.ceil(2 * rows_per_expert))))
+        block_k = min(128 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
+        useful_tiles = max(1, min(num_experts, num_rows))
+        block_n = min(128 // halves, max(16, triton.next_power_of_2(n_out)))
+        while block_n > 16 and useful_tiles * triton.cdiv(n_out, block_n) < NUM_SMS:
+            block_n //= 2
+        programs = useful_tiles * triton.cdiv(n_out, block_n)
+        split_k = 1
+        if may_split_k and programs < NUM_SMS:
+            # Each split keeps at least two block_k steps of the reduction.
+            most = _prev_power_of_2(max(1, n_in // (2 * block_k)))
+            split_k = min(most, triton.next_power_of_2(triton.cdiv(NUM_SMS, programs)))
+        group_m = 1
+        num_stages = 4 if arch >= 90 else 3
+    else:
+        block_m = min(128, max(16, _prev_power_of_2(rows_per_expert / 4)))
+        block_k = 64 if narrow else 32
+        block_n = min(128 // halves, max(16, triton.next_power_of_2(n_out)))
+        split_k = 1
+        group_m = 8
+        num_stages = 3
+    swap_ab = arch >= 90 and block_m < 64 and dtype != torch.float64
+    num_warps = 8 if block_m * block_n * halves >= 128 * 128 else 4
+    return _decided("row", shape, GemmTiles(block_m, block_n, block_k, split_k, swap_ab, group_m, num_warps, num_stages))
 
 
-def gemm_tiles(num_tokens: int, k: int, num_experts: int, n_out: int, n_in: int, dtype: torch.dtype) -> TileConfig:
-    """Tiles for a grouped GEMM producing n_out columns from n_in: keyed on (T bucket via block_m_for, d, d_ff, E, k, dtype).
+def weight_grad_tiles(
+    num_tokens: int, k: int, num_experts: int, n_row: int, n_tok: int, dtype: torch.dtype, arch: int
+) -> GemmTiles:
+    """Tiles of a weight gradient: per expert, [n_row, n_tok] = Σ over its rows of row_sideᵀ · token_side.
 
-    Not tuned on a GPU yet: the sizes follow Triton's matmul tutorial (128×64 tiles, 3 stages, 16-bit
-    inputs), halved along K for 4-byte inputs to keep shared memory in budget, and shrunk to the problem
-    for narrow layers. Tune with bench/ on an H100 before trusting them for speed.
+    block_n × block_k is the output tile (n_row × n_tok), block_m the rows summed per step. Each program
+    reads its expert's rows once per output tile, so the inputs are re-read n_tok/block_k and n_row/block_n
+    times: 128×128 output tiles for 16-bit inputs keep that low (traffic meter), 64×64 for 4-byte ones
+    (registers).
     """
-    block_m = block_m_for(num_tokens, k, num_experts)
-    wide_inputs = dtype.itemsize >= 4
-    block_n = min(128, max(16, triton.next_power_of_2(n_out)))
-    block_k = min(32 if wide_inputs else 64, max(16, triton.next_power_of_2(n_in)))
-    num_warps = 8 if block_m * block_n >= 64 * 128 else 4
-    return TileConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=3)
+    shape = dict(num_tokens=num_tokens, k=k, num_experts=num_experts, n_row=n_row, n_tok=n_tok, dtype=dtype, arch=arch)
+    narrow = _is_16_bit(dtype)
+    wide_tile = 128 if narrow else 64
+    block_n = min(wide_tile, max(16, triton.next_power_of_2(n_row)))
+    block_k = min(wide_tile, max(16, triton.next_power_of_2(n_tok)))
+    block_m = 64 if narrow else 32
+    num_warps = 8 if block_n * block_k >= 128 * 128 else 4
+    tiles = GemmTiles(block_m, block_n, block_k, 1, False, 1, num_warps, 3)
+    return _decided("weight_grad", shape, tiles)
 
 
 def gating_tiles(block_e: int) -> tuple[int, int]:
@@ -67,10 +190,18 @@ def gating_tiles(block_e: int) -> tuple[int, int]:
     return max(1, min(64, 2048 // block_e)), 8
 
 
-def permute_chunk(num_assignments: int) -> int:
-    """Assignments per program of the permutation kernels: 128 (a CHUNK² comparison tile of 16K, no spills
-    on sm_90), fewer for a short stream. Not yet timed on a GPU."""
-    return min(128, triton.next_power_of_2(max(num_assignments, 1)))
+def permute_chunk(num_assignments: int) -> tuple[int, int]:
+    """(CHUNK, SUB) of the permutation kernels: assignments per program, and per step within it.
+
+    SUB = 128 (a SUB² comparison tile of 16K, no spills on sm_90), fewer for a short stream. Up to 1024
+    assignments (T·k of any decode step) one program takes the whole stream, so the permutation is one
+    launch; above, chunks of at least 1024 and at most 128 programs, so that each program's pass over the
+    others' counts ([num_chunks, E]) stays short. Not yet timed on a GPU.
+    """
+    sub = min(128, triton.next_power_of_2(max(num_assignments, 1)))
+    if num_assignments <= 1024:
+        return max(sub, triton.next_power_of_2(max(num_assignments, 1))), sub
+    return max(1024, triton.next_power_of_2(triton.cdiv(num_assignments, 128))), sub
 
 
 def combine_block_d(d: int) -> int:
