@@ -8,7 +8,6 @@ NaN-filled while the kernels run, so any read of a row no kernel wrote (padding,
 shows up as NaN in the results.
 """
 import dataclasses
-import importlib
 import math
 import os
 
