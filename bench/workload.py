@@ -3,8 +3,8 @@ fast layer through backend "triton".
 
 The layer is ``moe_kernels.MoE(**config.layer_arguments(), backend="triton")`` in eval mode (noisy top-k
 draws no noise; capacity applies), x [T, d] in ``dtype`` (parameters too). The backward is that of
-y·dy + aux_loss for a random dy [T, d]: autograd.backward([y, aux_loss], [dy, 1]), so the router's losses
-reach the gating backward as in training. On the meta device (the audit) nothing is computed; on the CPU
+y·dy for a random dy [T, d]; the router's losses reach the gating backward as in training, their gradient
+being attached to the routing weights (the layer's default aux_loss_mode "attach"). On the meta device (the audit) nothing is computed; on the CPU
 under TRITON_INTERPRET=1 (the meter) everything is.
 """
 from __future__ import annotations
@@ -43,7 +43,6 @@ def run_layer(
         y = layer(x)
     if backward:
         dy = torch.randn_like(y)
-        one = torch.ones_like(layer.aux_loss)
         with section("backward"):
-            torch.autograd.backward([y, layer.aux_loss], [dy, one])
+            y.backward(dy)
     return y
