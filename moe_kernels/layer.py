@@ -34,8 +34,9 @@ class MoE(MoEBase):
         if not isinstance(reference, MoEBase):
             raise TypeError(
                 f"MoE.from_reference takes a moe_kernels layer (moe_kernels.reference.MoE), got "
-                f"{type(reference).__name__}; for a Hugging Face model, register moe_kernels as its experts "
-                f"implementation (moe_kernels.integrations.transformers.register())"
+                f"{type(reference).__name__}; for a Hugging Face model, moe_kernels.swap(model) replaces its MoE "
+                f"blocks, or register moe_kernels as its experts implementation "
+                f"(moe_kernels.integrations.transformers.register())"
             )
         fast = cls(**reference.constructor_arguments(), backend=backend, device="meta")
         for name, child in reference.named_children():
