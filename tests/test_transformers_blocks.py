@@ -12,10 +12,15 @@ import torch
 import moe_kernels
 from helpers import assert_close
 from hf_models import (  # skips without transformers
-    FAMILIES, assert_matches, build, build_switch, families, relative_error, tokens, train_step, transformers)
+    FAMILIES, FULL, assert_matches, build, build_switch, relative_error, tokens, train_step, transformers)
 
 RELATIVE = 1e-5
 SWAP_FAMILIES = [*FAMILIES, "switch_transformers"]
+
+
+def families(quick) -> list[str]:
+    """The families a test runs: all of them under HF_FULL=1, else ``quick``."""
+    return SWAP_FAMILIES if FULL else list(quick)
 
 
 def model_of(family: str, dtype=torch.float32, **switch_overrides):
@@ -98,7 +103,7 @@ def _block_step(block, x, dy, dtype) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", families(quick=("qwen2_moe", "gpt_oss")))
 def test_greedy_generate_gives_the_same_tokens(family):
-    model = build(family).eval()
+    model = model_of(family).eval()
     prompt = tokens(batch=2, length=5, seed=1)
     arguments = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     expected = model.generate(prompt, **arguments)
@@ -129,6 +134,18 @@ def test_gradient_checkpointing(family):
         each.gradient_checkpointing_enable()
     ids = tokens()
     assert_matches(train_step(model, ids), train_step(untouched, ids), RELATIVE)
+
+
+def test_router_logits_are_recorded_when_the_model_recorded_before_the_swap():
+    """transformers installs its recording hooks on its router classes at the first recording forward; a swap
+    after that records from the swapped routers (and once each)."""
+    model = build("olmoe")
+    ids = tokens()
+    expected = model(input_ids=ids, output_router_logits=True)
+    swapped(model)
+    actual = model(input_ids=ids, output_router_logits=True)
+    assert len(actual.router_logits) == len(expected.router_logits) == model.config.num_hidden_layers
+    assert relative_error(actual.aux_loss, expected.aux_loss) <= RELATIVE
 
 
 def test_torch_compile_of_a_swapped_block():
