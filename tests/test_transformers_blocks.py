@@ -90,6 +90,22 @@ def test_bf16_blocks_match_hugging_face_at_the_same_precision(family):
             assert_close(actual[what], baseline[what], exact[what], torch.bfloat16, factor, f"{family} {name}: {what}")
 
 
+def test_switch_transformers_router_jitter_matches_hugging_face():
+    """In a float64 block Hugging Face's router jitters a float32 copy of the input, so that its experts see the
+    input itself, as moe_kernels' do: the same random draws give the same output."""
+    model = build_switch(torch.float64, router_jitter_noise=0.5)
+    name, original = next(iter(blocks_of(model).items()))
+    original = copy.deepcopy(original)
+    block = swapped(model).get_submodule(name)
+    x = torch.randn(2, 16, model.config.d_model, dtype=torch.float64)
+    torch.manual_seed(0)
+    expected = original(x)
+    torch.manual_seed(0)
+    assert relative_error(block(x), expected) <= RELATIVE
+    torch.manual_seed(1)
+    assert relative_error(block(x), expected) > 1e-3  # other draws: the jitter matters
+
+
 def _block_step(block, x, dy, dtype) -> dict[str, torch.Tensor]:
     """Output and input gradient of a training-mode call (the same router jitter draws in every call)."""
     block = copy.deepcopy(block).to(dtype).train()

@@ -158,7 +158,7 @@ def _switch_transformers(block: nn.Module) -> Plan:
         raise _refuse(block, f"the activation {type(per_expert[0].act).__name__} (dense_act_fn)")
     if per_expert[0].dropout.p > 0:
         warnings.warn(f"moe_kernels.swap: the experts of {describe(block)} apply no dropout (dropout_rate="
-                      f"{per_expert[0].dropout.p} inside each Hugging Face expert); evaluation is unchanged", stacklevel=4)
+                      f"{per_expert[0].dropout.p} inside each Hugging Face expert); evaluation is unchanged")
     up = torch.stack([expert.wi.weight.detach() for expert in per_expert])  # [E, d_ff, d]
     experts = Experts(up.shape[2], up.shape[1], len(per_expert), gated=False, bias=False, device="meta")
     experts.up_proj = nn.Parameter(up, requires_grad=per_expert[0].wi.weight.requires_grad)
