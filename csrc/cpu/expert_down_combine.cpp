@@ -18,6 +18,7 @@
 #include "../ops.h"
 #include "direct_gemm.h"
 #include "experts.h"
+#include "huge_pages.h"
 
 namespace moe_kernels {
 namespace {
@@ -135,10 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
               ": grad_y must be [T=", layout.num_tokens, ", d=", d, "], got ", grad_y.sizes());
   const at::Tensor grad_rows = cpu::unit_stride_rows(grad_y.to(dtype));
   const at::Tensor rows = cpu::unit_stride_rows(hidden);
-  at::Tensor grad_hidden = at::empty({layout.num_rows, d_ff}, hidden.options());
+  at::Tensor grad_hidden = cpu::empty_on_huge_pages({layout.num_rows, d_ff}, hidden.options());
   cpu::zero_padding_rows(layout, grad_hidden);
   at::Tensor grad_weights = at::zeros(weights.sizes(), weights.options());
-  at::Tensor grad_down_weight = at::empty(down_weight.sizes(), down_weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_down_weight = cpu::empty_on_huge_pages(down_weight.sizes(), down_weight.options());
   at::Tensor grad_down_bias = down_bias.has_value() ? at::empty(down_bias->sizes(), down_bias->options())
                                                     : at::empty({0}, hidden.options());
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);

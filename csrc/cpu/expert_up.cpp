@@ -21,6 +21,7 @@
 #include "activation.h"
 #include "direct_gemm.h"
 #include "experts.h"
+#include "huge_pages.h"
 
 namespace moe_kernels {
 namespace {
@@ -83,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
               " tokens but x has ", x.size(0));
   const at::Tensor tokens = cpu::unit_stride_rows(x);
   const at::ScalarType dtype = x.scalar_type();
-  at::Tensor hidden = at::empty({layout.num_rows, d_ff}, x.options());
-  at::Tensor pre_activation = at::empty({keep_pre_activation ? layout.num_rows : 0, n_up}, x.options());
+  at::Tensor hidden = cpu::empty_on_huge_pages({layout.num_rows, d_ff}, x.options());
+  at::Tensor pre_activation = cpu::empty_on_huge_pages({keep_pre_activation ? layout.num_rows : 0, n_up}, x.options());
   cpu::zero_padding_rows(layout, hidden);
   if (keep_pre_activation) cpu::zero_padding_rows(layout, pre_activation);
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
@@ -174,10 +175,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
   const at::Tensor grad_rows = cpu::unit_stride_rows(grad_hidden);
   const at::Tensor pre_rows = cpu::unit_stride_rows(pre_activation);
   const at::ScalarType opmath_dtype = at::toOpMathType(dtype);
-  at::Tensor grad_pre = at::empty({layout.num_rows, n_up}, x.options());
+  at::Tensor grad_pre = cpu::empty_on_huge_pages({layout.num_rows, n_up}, x.options());
   at::Tensor grad_x_sum = at::zeros({layout.num_tokens, d}, x.options().dtype(opmath_dtype));
-  at::Tensor row_dx = at::empty({layout.num_rows, d}, x.options().dtype(opmath_dtype));
-  at::Tensor grad_up_weight = at::empty(up_weight.sizes(), up_weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor row_dx = cpu::empty_on_huge_pages({layout.num_rows, d}, x.options().dtype(opmath_dtype));
+  at::Tensor grad_up_weight = cpu::empty_on_huge_pages(up_weight.sizes(), up_weight.options());
   at::Tensor grad_up_bias = up_bias.has_value() ? at::empty(up_bias->sizes(), up_bias->options()) : at::empty({0}, x.options());
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
