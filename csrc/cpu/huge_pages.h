@@ -19,8 +19,8 @@
 
 namespace moe_kernels::cpu {
 
-// Bytes from which an output is madvised: below this the 2 MiB-aligned pages inside it are too few to pay
-// for the system call.
+// Bytes from which an output is madvised: 4 MiB always hold at least one whole 2 MiB-aligned page, and
+// smaller outputs (every output of a decode step) skip the system call.
 constexpr int64_t kHugePageMinBytes = int64_t{4} << 20;
 
 // at::empty(sizes, options), contiguous, with the 2 MiB-aligned pages inside it marked for huge pages.
