@@ -74,7 +74,7 @@ RESULTS = Path(__file__).parent / "results"
 # ATen ops that launch no kernel: metadata changes and allocations (views are recognised by func.is_view).
 NO_KERNEL = {
     "detach", "alias", "set_", "resize_", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
-    "new_empty_strided", "_local_scalar_dense",
+    "new_empty_strided", "_local_scalar_dense", "promote_types", "result_type",  # the last two: dtype arithmetic
 }
 
 

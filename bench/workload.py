@@ -4,7 +4,7 @@ fast layer through backend "triton".
 The layer is ``moe_kernels.MoE(**config.layer_arguments(), backend="triton")`` in eval mode (noisy top-k
 draws no noise; capacity applies), x [T, d] in ``dtype`` (parameters too). The backward is that of
 y·dy + aux_loss for a random dy [T, d]: autograd.backward([y, aux_loss], [dy, 1]), so the router's losses
-reach the gating backward as in training. On the meta device (the audit) nothing is computed; on the CPU
+reach the gating backward as in training (where the loss depends on the parameters). On the meta device (the audit) nothing is computed; on the CPU
 under TRITON_INTERPRET=1 (the meter) everything is.
 """
 from __future__ import annotations
@@ -39,11 +39,15 @@ def run_layer(
     Everything outside the two sections (making dy, the leaf x) is not part of either pass.
     """
     x = x.detach().requires_grad_(backward)
-    with section("forward"):
+    # A forward with no backward is an inference step (a decode step of a server): no autograd recording,
+    # so the router's losses, which only matter to a backward, are not computed.
+    with section("forward"), torch.set_grad_enabled(backward):
         y = layer(x)
     if backward:
-        dy = torch.randn_like(y)
-        one = torch.ones_like(layer.aux_loss)
+        outputs, gradients = [y], [torch.randn_like(y)]
+        if layer.aux_loss.requires_grad:  # an eval-mode layer's loss is a constant
+            outputs.append(layer.aux_loss)
+            gradients.append(torch.ones_like(layer.aux_loss))
         with section("backward"):
-            torch.autograd.backward([y, layer.aux_loss], [dy, one])
+            torch.autograd.backward(outputs, gradients)
     return y
