@@ -31,6 +31,12 @@ import triton
 # that every SM streams weights. A fixed number, not the device's, so that the split-K reduction order
 # (and so the bits of the result) does not depend on which GPU runs it.
 NUM_SMS = 132
+# A decode program streams its share of one expert's weights; what it reads besides (tokens_per_expert to
+# find its expert, 4·E bytes; its rows of x or hidden, again for every column block; split-K partials) is
+# overhead the traffic meter counts (on a GPU mostly L2 hits). Programs shrink towards NUM_SMS only while
+# that overhead stays within a tenth of their weight bytes, which lets Switch-Base's GEMM 1 and GEMM 2 (the
+# smallest of the four decode layers) reach 132 programs at T = 1.
+OVERHEAD_SHARE = 10
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,16 @@ def _is_16_bit(dtype: torch.dtype) -> bool:
     return dtype.itemsize == 2
 
 
+def _column_block(width: int, widest: int) -> int:
+    """Columns per block across ``width``: ``widest`` (a power of two), halved (down to 32) while the last
+    block would be mostly padding, more than width/16 columns of MACs wasted (traffic meter: widths such as
+    GPT-OSS's d_ff 2880 = 22.5·128 or the CPU-scaled layers' 448; the bench layers' widths are multiples of 128)."""
+    block = min(widest, max(16, triton.next_power_of_2(width)))
+    while block > 32 and 16 * (triton.cdiv(width, block) * block - width) > width:
+        block //= 2
+    return block
+
+
 def row_gemm_tiles(
     num_rows: int, num_tokens: int, k: int, num_experts: int, n_out: int, n_in: int, dtype: torch.dtype,
     arch: int, halves: int = 1, may_split_k: bool = False,
@@ -118,13 +134,16 @@ def row_gemm_tiles(
     reduce split-K partials (GEMM 2's combine can).
 
     Two regimes, by the expected rows per expert μ = T·k/E:
-    - Decode (μ < 32): block_m covers ~2μ rows (16 to 64) so that each expert's rows take one tile and its
-      weights are read once (traffic meter: issue 10's bytes); block_n shrinks (down to 16) until the
-      expected useful programs (experts with rows × column blocks) reach NUM_SMS, and where even 16
-      columns cannot, split-K takes the rest. block_k 128 for 16-bit inputs: long contiguous weight rows.
+    - Decode (μ < 32): block_m covers ~4μ rows (16 to 64) so that each expert's rows take one tile and its
+      weights are read once even where routing is uneven (traffic meter: issue 10's bytes; 2μ left Mixtral/8
+      at T = 64 at 1.14× the minimum, one expert in eight taking a second tile); block_n halves (down to 16), then split-K
+      doubles where the launcher can reduce partials, until the expected useful programs (experts with
+      rows × column blocks × splits) reach NUM_SMS, as long as each program's other reads stay within
+      1/OVERHEAD_SHARE of its weight bytes. block_k 128 for 16-bit inputs: long contiguous weight rows.
     - Prefill (μ ≥ 32): block_m = μ/4 rounded down to a power of two in [16, 128], which keeps the
       padding of a partial last tile near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
-      μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated), GROUP_M = 8.
+      μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated; narrower where the last column
+      block would be mostly padding), GROUP_M = 8.
     On sm_90, tiles shorter than 64 rows are computed swapped (swap_ab) so that they still compile to
     wgmma (compile audit); sm_80 runs mma.sync either way.
     """
@@ -134,24 +153,33 @@ def row_gemm_tiles(
     narrow = _is_16_bit(dtype)
     if rows_per_expert < 32:
         longest = max(16, triton.next_power_of_2(max(min(num_tokens, num_rows), 1)))
-        block_m = min(64, longest, max(16, triton.next_power_of_2(math.ceil(2 * rows_per_expert))))
+        block_m = min(64, longest, max(16, triton.next_power_of_2(math.ceil(4 * rows_per_expert))))
         block_k = min(128 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
         useful_tiles = max(1, min(num_experts, num_rows))
+        tile_rows = max(1.0, rows_per_expert)
+
+        def affordable(block_n: int, split_k: int) -> bool:
+            reduction = n_in // split_k
+            weight_bytes = reduction * block_n * halves * dtype.itemsize
+            other_bytes = 4 * num_experts + tile_rows * reduction * dtype.itemsize
+            if split_k > 1:
+                other_bytes += 2 * tile_rows * block_n * 4
+            return OVERHEAD_SHARE * other_bytes <= weight_bytes
+
         block_n = min(128 // halves, max(16, triton.next_power_of_2(n_out)))
-        while block_n > 16 and useful_tiles * triton.cdiv(n_out, block_n) < NUM_SMS:
+        while block_n > 16 and useful_tiles * triton.cdiv(n_out, block_n) < NUM_SMS and affordable(block_n // 2, 1):
             block_n //= 2
         programs = useful_tiles * triton.cdiv(n_out, block_n)
         split_k = 1
-        if may_split_k and programs < NUM_SMS:
-            # Each split keeps at least two block_k steps of the reduction.
-            most = _prev_power_of_2(max(1, n_in // (2 * block_k)))
-            split_k = min(most, triton.next_power_of_2(triton.cdiv(NUM_SMS, programs)))
+        while (may_split_k and programs * split_k < NUM_SMS and n_in // (2 * split_k) >= block_k
+               and affordable(block_n, 2 * split_k)):
+            split_k *= 2
         group_m = 1
         num_stages = 4 if arch >= 90 else 3
     else:
         block_m = min(128, max(16, _prev_power_of_2(rows_per_expert / 4)))
-        block_k = 64 if narrow else 32
-        block_n = min(128 // halves, max(16, triton.next_power_of_2(n_out)))
+        block_k = min(64 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
+        block_n = _column_block(n_out, 128 // halves)
         split_k = 1
         group_m = 8
         num_stages = 3
@@ -168,14 +196,17 @@ def weight_grad_tiles(
     block_n × block_k is the output tile (n_row × n_tok), block_m the rows summed per step. Each program
     reads its expert's rows once per output tile, so the inputs are re-read n_tok/block_k and n_row/block_n
     times: 128×128 output tiles for 16-bit inputs keep that low (traffic meter), 64×64 for 4-byte ones
-    (registers).
+    (registers), narrower where a last block would be mostly padding.
     """
     shape = dict(num_tokens=num_tokens, k=k, num_experts=num_experts, n_row=n_row, n_tok=n_tok, dtype=dtype, arch=arch)
     narrow = _is_16_bit(dtype)
     wide_tile = 128 if narrow else 64
-    block_n = min(wide_tile, max(16, triton.next_power_of_2(n_row)))
-    block_k = min(wide_tile, max(16, triton.next_power_of_2(n_tok)))
-    block_m = 64 if narrow else 32
+    block_n = _column_block(n_row, wide_tile)
+    block_k = _column_block(n_tok, wide_tile)
+    # Rows summed per step: μ/4 as the row GEMMs' block_m, so that the last step's padding rows stay near
+    # 1/8 of an expert's rows (MACs executed ≤ 1.25× useful at μ ≥ 64, issue 11).
+    rows_per_expert = num_tokens * k / max(num_experts, 1)
+    block_m = min(64 if narrow else 32, max(16, _prev_power_of_2(rows_per_expert / 4)))
     num_warps = 8 if block_n * block_k >= 128 * 128 else 4
     tiles = GemmTiles(block_m, block_n, block_k, 1, False, 1, num_warps, 3)
     return _decided("weight_grad", shape, tiles)
