@@ -134,12 +134,14 @@ def row_gemm_tiles(
     reduce split-K partials (GEMM 2's combine can).
 
     Two regimes, by the expected rows per expert μ = T·k/E:
-    - Decode (μ < 32): block_m covers ~4μ rows (16 to 64) so that each expert's rows take one tile and its
-      weights are read once even where routing is uneven (traffic meter: issue 10's bytes; 2μ left Mixtral/8
-      at T = 64 at 1.14× the minimum, one expert in eight taking a second tile); block_n halves (down to 16), then split-K
-      doubles where the launcher can reduce partials, until the expected useful programs (experts with
-      rows × column blocks × splits) reach NUM_SMS, as long as each program's other reads stay within
-      1/OVERHEAD_SHARE of its weight bytes. block_k 128 for 16-bit inputs: long contiguous weight rows.
+    - Decode (μ < 32): block_m covers ~2μ rows (16 to 64) so that each expert's rows take one tile and its
+      weights are read once (traffic meter: issue 10's bytes). Each program's reads besides its weights
+      (its rows of x, again for every column block) must stay within 1/OVERHEAD_SHARE of its weight
+      bytes: block_n starts at 128 (64 per half when gated) and doubles (up to 256) until they do (many
+      rows per tile: Mixtral at T = 64 re-read x for 12% of the weight bytes at 64 columns per half);
+      then block_n halves (down to 16) and split-K doubles where the launcher can reduce partials, while
+      that holds, until the expected useful programs (experts with rows × column blocks × splits) reach
+      NUM_SMS. block_k 128 for 16-bit inputs (64 on sm_80): long contiguous weight rows.
     - Prefill (μ ≥ 32): block_m = μ/4 rounded down to a power of two in [16, 128], which keeps the
       padding of a partial last tile near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
       μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated; narrower where the last column
@@ -153,8 +155,9 @@ def row_gemm_tiles(
     narrow = _is_16_bit(dtype)
     if rows_per_expert < 32:
         longest = max(16, triton.next_power_of_2(max(min(num_tokens, num_rows), 1)))
-        block_m = min(64, longest, max(16, triton.next_power_of_2(math.ceil(4 * rows_per_expert))))
-        block_k = min(128 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
+        block_m = min(64, longest, max(16, triton.next_power_of_2(math.ceil(2 * rows_per_expert))))
+        # 128 on sm_80 spilled 8 B in Switch's d(hidden) GEMM at T = 64 (compile audit).
+        block_k = min((128 if arch >= 90 else 64) if narrow else 32, max(16, triton.next_power_of_2(n_in)))
         useful_tiles = max(1, min(num_experts, num_rows))
         tile_rows = max(1.0, rows_per_expert)
 
@@ -166,7 +169,10 @@ def row_gemm_tiles(
                 other_bytes += 2 * tile_rows * block_n * 4
             return OVERHEAD_SHARE * other_bytes <= weight_bytes
 
-        block_n = min(128 // halves, max(16, triton.next_power_of_2(n_out)))
+        widest = min(256 // halves, max(16, triton.next_power_of_2(n_out)))
+        block_n = min(128 // halves, widest)
+        while block_n < widest and not affordable(block_n, 1):  # many rows per tile: x re-read per column block
+            block_n *= 2
         while block_n > 16 and useful_tiles * triton.cdiv(n_out, block_n) < NUM_SMS and affordable(block_n // 2, 1):
             block_n //= 2
         programs = useful_tiles * triton.cdiv(n_out, block_n)
@@ -176,6 +182,8 @@ def row_gemm_tiles(
             split_k *= 2
         group_m = 1
         num_stages = 4 if arch >= 90 else 3
+        # 8 warps from 8K accumulators: the widened tiles (32 × 256 at Mixtral's T = 64) spilled on sm_80 with 4.
+        wide_accumulator = 8192
     else:
         block_m = min(128, max(16, _prev_power_of_2(rows_per_expert / 4)))
         block_k = min(64 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
@@ -183,8 +191,9 @@ def row_gemm_tiles(
         split_k = 1
         group_m = 8
         num_stages = 3
+        wide_accumulator = 128 * 128
     swap_ab = arch >= 90 and block_m < 64 and dtype != torch.float64
-    num_warps = 8 if block_m * block_n * halves >= 128 * 128 else 4
+    num_warps = 8 if block_m * block_n * halves >= wide_accumulator else 4
     return _decided("row", shape, GemmTiles(block_m, block_n, block_k, split_k, swap_ab, group_m, num_warps, num_stages))
 
 
@@ -221,15 +230,19 @@ def gating_tiles(block_e: int) -> tuple[int, int]:
     return max(1, min(64, 2048 // block_e)), 8
 
 
-def permute_chunk(num_assignments: int) -> tuple[int, int]:
+def permute_chunk(num_assignments: int, num_experts: int) -> tuple[int, int]:
     """(CHUNK, SUB) of the permutation kernels: assignments per program, and per step within it.
 
-    SUB = 128 (a SUB² comparison tile of 16K, no spills on sm_90), fewer for a short stream. Up to 1024
-    assignments (T·k of any decode step) one program takes the whole stream, so the permutation is one
+    SUB: at most 128 (a SUB² comparison tile of 16K) and at most 8K / NUM_BINS (NUM_BINS = the next power
+    of two above E: each step gathers per-expert counts through a [SUB, NUM_BINS] tile; 128 × 512 spilled
+    24 KB per program on sm_90a for E = 256, 64 × 256 36 B on sm_80, compile audit), at least 16; fewer for
+    a short stream. Up to
+    1024 assignments (T·k of any decode step) one program takes the whole stream, so the permutation is one
     launch; above, chunks of at least 1024 and at most 128 programs, so that each program's pass over the
     others' counts ([num_chunks, E]) stays short. Not yet timed on a GPU.
     """
-    sub = min(128, triton.next_power_of_2(max(num_assignments, 1)))
+    num_bins = triton.next_power_of_2(num_experts + 1)
+    sub = min(128, max(16, 8192 // num_bins), triton.next_power_of_2(max(num_assignments, 1)))
     if num_assignments <= 1024:
         return max(sub, triton.next_power_of_2(max(num_assignments, 1))), sub
     return max(1024, triton.next_power_of_2(triton.cdiv(num_assignments, 128))), sub
