@@ -3,8 +3,8 @@ fast layer through backend "triton".
 
 The layer is ``moe_kernels.MoE(**config.layer_arguments(), backend="triton")`` in eval mode (noisy top-k
 draws no noise; capacity applies), x [T, d] in ``dtype`` (parameters too). The backward is that of
-y·dy + aux_loss for a random dy [T, d]: autograd.backward([y, aux_loss], [dy, 1]), so the router's losses
-reach the gating backward as in training (where the loss depends on the parameters). On the meta device (the audit) nothing is computed; on the CPU
+y·dy for a random dy [T, d]; the router's losses reach the gating backward as in training, their gradient
+being attached to the routing weights (the layer's default aux_loss_mode "attach"). On the meta device (the audit) nothing is computed; on the CPU
 under TRITON_INTERPRET=1 (the meter) everything is.
 """
 from __future__ import annotations
@@ -44,10 +44,7 @@ def run_layer(
     with section("forward"), torch.set_grad_enabled(backward):
         y = layer(x)
     if backward:
-        outputs, gradients = [y], [torch.randn_like(y)]
-        if layer.aux_loss.requires_grad:  # an eval-mode layer's loss is a constant
-            outputs.append(layer.aux_loss)
-            gradients.append(torch.ones_like(layer.aux_loss))
+        dy = torch.randn_like(y)
         with section("backward"):
-            torch.autograd.backward(outputs, gradients)
+            y.backward(dy)
     return y

@@ -34,8 +34,9 @@ class MoE(MoEBase):
         if not isinstance(reference, MoEBase):
             raise TypeError(
                 f"MoE.from_reference takes a moe_kernels layer (moe_kernels.reference.MoE), got "
-                f"{type(reference).__name__}; for a Hugging Face model, register moe_kernels as its experts "
-                f"implementation (moe_kernels.integrations.transformers.register())"
+                f"{type(reference).__name__}; for a Hugging Face model, moe_kernels.swap(model) replaces its MoE "
+                f"blocks, or register moe_kernels as its experts implementation "
+                f"(moe_kernels.integrations.transformers.register())"
             )
         fast = cls(**reference.constructor_arguments(), backend=backend, device="meta")
         for name, child in reference.named_children():
@@ -64,12 +65,15 @@ class MoE(MoEBase):
 
 
 def swap(module: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace every reference MoE in ``module`` by a fast one sharing its Parameters, in place.
+    """Replace every reference MoE in ``module``, and every Hugging Face MoE block of the supported families
+    (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, SwitchTransformers: moe_kernels.integrations.transformers
+    .blocks), by a fast layer sharing its Parameters, in place.
 
-    Returns ``module``, or the fast layer when ``module`` itself is a reference MoE (use the return value).
+    Returns ``module``, or the fast layer when ``module`` itself is replaced (use the return value).
     Never silently does nothing: a module that looks like an MoE block of a class swap does not know (children
     ``experts`` and ``gate`` or ``router``) is left as it is with a warning naming its class, and a module with
-    no MoE layer at all gets a warning too.
+    no MoE layer at all gets a warning too. A supported block whose configuration moe_kernels cannot compute
+    exactly raises NotImplementedError naming the setting.
     """
     layers: list[nn.Module] = []
     unknown: list[type] = []
@@ -92,8 +96,22 @@ def _swap(module: nn.Module, backend: str, layers: list[nn.Module], unknown: lis
         return MoE.from_reference(module, backend) if isinstance(module, ReferenceMoE) else module
     children = dict(module.named_children())
     if "experts" in children and ("gate" in children or "router" in children):
-        unknown.append(type(module))
-        return module
+        fast = _swap_transformers_block(module, backend)
+        if fast is None:
+            unknown.append(type(module))
+            return module
+        layers.append(fast)
+        return fast
     for name, child in children.items():
         setattr(module, name, _swap(child, backend, layers, unknown))
     return module
+
+
+def _swap_transformers_block(module: nn.Module, backend: str) -> MoE | None:
+    """The fast layer replacing a Hugging Face MoE block swap knows, else None (transformers is imported only
+    when the module comes from it)."""
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    from .integrations.transformers.blocks import swap_block
+
+    return swap_block(module, backend)

@@ -20,10 +20,14 @@ RELATIVE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2
 
 
 def randomize_(layer: torch.nn.Module, skew: bool = False) -> torch.nn.Module:
-    """Fresh N(0, σ) parameters (σ keeps activations O(1)); ``skew`` makes expert 0 win every token."""
+    """Fresh N(0, σ) parameters and floating-point buffers (σ keeps activations O(1)); ``skew`` makes expert 0
+    win every token."""
     with torch.no_grad():
         for parameter in layer.parameters():
             parameter.normal_(0.0, parameter.shape[-1] ** -0.5)
+        for buffer in layer.buffers():
+            if buffer.is_floating_point():
+                buffer.normal_(0.0, 0.1)
         if skew:
             layer.gate.weight[0] += 50.0 * layer.gate.weight[0].sign()
     return layer

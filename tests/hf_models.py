@@ -93,7 +93,7 @@ def train_step(model, ids) -> dict[str, torch.Tensor]:
     """Forward with ``output_router_logits`` and one cross-entropy backward (plus the model's own aux losses).
 
     Returns every tensor to compare, by name: logits, loss, each ``*_loss`` the model reports (aux, z), each
-    router-logits tensor it reports, and each parameter's gradient ("grad of <name>").
+    router-logits tensor it reports, and each parameter's gradient ("grad of <state-dict key>").
     """
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
@@ -106,10 +106,27 @@ def train_step(model, ids) -> dict[str, torch.Tensor]:
         elif field.endswith("router_logits") and value is not None:
             tensors = [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
             results.update({f"{field}[{i}]": t.detach() for i, t in enumerate(tensors)})
-    for name, parameter in model.named_parameters():
-        if parameter.grad is not None:
-            results[f"grad of {name}"] = parameter.grad
+    results.update({f"grad of {key}": grad for key, grad in gradients(model).items()})
     return results
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient under its state-dict key, which a swapped model keeps as Hugging Face's even where
+    its layers name or stack the Parameters otherwise (GPT-OSS's router, SwitchTransformers' experts): the state
+    dict of the model with every parameter's data set to its gradient for the call. Parameters without a gradient
+    are left out."""
+    parameters = [parameter for parameter in model.parameters() if parameter.grad is not None]
+    values = [parameter.data for parameter in parameters]
+    with torch.no_grad():  # the keys that hold these parameters: those that turn NaN with them
+        for parameter in parameters:
+            parameter.data = torch.full_like(parameter, float("nan"))
+        keys_with_grads = {key for key, value in model.state_dict().items() if value.isnan().any()}
+        for parameter in parameters:
+            parameter.data = parameter.grad
+        state = model.state_dict()
+        for parameter, value in zip(parameters, values):
+            parameter.data = value
+    return {key: value.clone() for key, value in state.items() if key in keys_with_grads}
 
 
 def assert_matches(actual: dict, expected: dict, relative: float) -> None:

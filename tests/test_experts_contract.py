@@ -36,7 +36,7 @@ def backend(request, monkeypatch):
     if name == "torch-pure":
         monkeypatch.setattr(native, "_C", None)
         return "torch"
-    skip_unless_runnable(name, torch.float32)
+    skip_unless_runnable(name)
     if name == "torch" and not native.has_cpu_ops():
         pytest.skip("moe_kernels._C is not built: 'torch-pure' covers this path")
     return name

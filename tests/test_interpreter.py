@@ -78,6 +78,8 @@ def _bf16_kernel(a_ptr, b_ptr, out_ptr, OPERATION: tl.constexpr):
         out = tl.broadcast_to(tl.max(a, axis=1)[:, None], (16, 16)).to(tl.float32)
     elif OPERATION == "cumsum":
         out = tl.cumsum(a, axis=1).to(tl.float32)
+    elif OPERATION == "round_to_bf16":  # the float32 product of two bf16 is exact; rounding it back is not
+        out = (a.to(tl.float32) * b.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
     elif OPERATION == "from_int":
         out = (offsets - 100).to(tl.bfloat16).to(tl.float32)
     else:  # "to_float64"
@@ -108,6 +110,21 @@ def test_bf16_operations_the_interpreter_gets_right_are_left_alone(operation):
         "to_float64": a, "max": a.amax(1, keepdim=True).expand(16, 16),
     }[operation]
     torch.testing.assert_close(out, expected.float(), rtol=0, atol=0)
+
+
+@interpreter_only
+def test_float32_to_bf16_rounds_to_nearest_even_as_on_the_gpu():
+    a, b, out = _run("round_to_bf16")
+    torch.testing.assert_close(out, (a.float() * b.float()).bfloat16().float(), rtol=0, atol=0)
+
+
+@interpreter_only
+def test_the_interpreter_itself_still_truncates_float32_to_bf16(monkeypatch):
+    """Without the fixture the interpreter truncates: when Triton rounds, this fails and that part can go."""
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    a, b, out = _run("round_to_bf16")
+    assert not torch.equal(out, (a.float() * b.float()).bfloat16().float())
 
 
 @interpreter_only

@@ -54,7 +54,7 @@ def test_float64_without_gradients_frozen_router_and_jvp(router):
 def test_autocast_routes_in_float32(router, backend):
     """Item 2: under autocast the router computes in float32 (same experts), aux_loss stays float32, every
     backend and grad mode runs."""
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     k = 1 if router == "switch" else 2
     _, fast = pair(backend, k=k, router=router, capacity_factor=1.5)
     device = device_for(backend)
@@ -78,7 +78,7 @@ def test_autocast_routes_in_float32(router, backend):
 def test_one_ranking_rule_in_every_grad_mode(backend):
     """Item 4: the issue's near-tie (probabilities 1, 0, 0, 0 in float32; logits 200, 0, 50, 10) routes to
     experts 0 and 2 with and without gradients, and capacity drops the same tokens."""
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     device = device_for(backend)
     layer = randomize_(moe_kernels.MoE(4, 6, 4, k=2, capacity_factor=1.0, backend=backend)).to(device)
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_aux_loss_only_when_it_can_matter():
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing_keeps_the_aux_loss_gradient(use_reentrant, backend):
     """Item 15: "attach" (the default) gives the router the aux loss's gradient through checkpointing too."""
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     device = device_for(backend)
     _, layer = pair(backend, router="noisy_topk", importance_loss_weight=1.0, load_loss_weight=1.0)
     x = torch.randn(30, 8, device=device, requires_grad=True)
@@ -161,7 +161,7 @@ def test_gradient_checkpointing_keeps_the_aux_loss_gradient(use_reentrant, backe
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_with_capacity_keeps_one_graph_for_dynamic_token_counts(backend):
     """Item 9: capacity is one expression of the symbolic T: no recompile over 9 distinct capacities."""
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     torch._dynamo.reset()
     device = device_for(backend)
     _, layer = pair(backend, capacity_factor=1.25)
@@ -176,7 +176,7 @@ def test_compile_with_capacity_keeps_one_graph_for_dynamic_token_counts(backend)
 def test_capacity_has_one_meaning_everywhere(backend):
     """Item 11: a tiny factor keeps one assignment per expert (never 0 = dropless); capacity is at most T·k;
     experts_forward's capacity 0 drops everything; the same on every backend as in the reference."""
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     device = device_for(backend)
     assert moe_kernels.pipeline.expert_capacity(1e-300, 10, 2, 4) == 1
     assert moe_kernels.pipeline.expert_capacity(1e300, 10, 2, 4) == 20
@@ -239,7 +239,7 @@ def test_fuzz_float64_against_the_reference(seed):
 def test_mode_sweep_gives_one_answer(router, backend):
     """Grad on/off, inference_mode, autocast (float32 x, routing unchanged) and torch.compile: the same y in
     evaluation mode (no random draw)."""
-    skip_unless_runnable(backend, torch.float32)
+    skip_unless_runnable(backend)
     device = device_for(backend)
     k = 1 if router == "switch" else 2
     capacity_factor = None if routers.ROUTERS[router].chooses_tokens else 1.0

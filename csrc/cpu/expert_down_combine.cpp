@@ -1,19 +1,22 @@
 // moe_kernels::cpu_expert_down_combine and its backward: GEMM 2 of the experts and the weighted combine
 // (semantics: Backend.expert_down_combine in moe_kernels/pipeline.py).
 //
-// Forward, one parallel loop over column slices of d: each slice runs GEMM 2 tile by tile for the
-// experts that received rows (in expert order) and adds weight·(row + bias) into the rows of y it owns,
-// so no [R, d] buffer of expert outputs exists and each token's sum has one fixed order (experts
-// ascending, then sorted rows) whatever the thread count. Accumulation in the opmath type.
+// Forward, one parallel loop over column slices of d: each slice runs GEMM 2 (BLAS, or direct_gemm.h for
+// tiles of at most kDirectRows rows) tile by tile for the experts that received rows (in expert order) and
+// adds weight·(row + bias) into the rows of y it owns, so no [R, d] buffer of expert outputs exists and
+// each token's sum has one fixed order (experts ascending, then sorted rows) whatever the thread count.
+// Accumulation in the opmath type.
 // Backward, two loops: per (expert, row tile) u = dy[token]·W_e gives d(hidden) = weight·u and
 // d(weight) = <u, hidden> + <dy, bias>; per (expert, slice of d) one GEMM over all of the expert's rows
 // gives d(W_e) and d(bias_e).
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
+#include "direct_gemm.h"
 #include "experts.h"
 
 namespace moe_kernels {
@@ -77,18 +80,30 @@ at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& d
     const scalar_t* row_data = rows.const_data_ptr<scalar_t>();
     const opmath_t* weight_data = weights.const_data_ptr<opmath_t>();
     opmath_t* y_data = y_sum.data_ptr<opmath_t>();
+    const bool direct = cpu::direct_weights(down_weight, dtype);
+    const scalar_t* down_data = direct ? static_cast<const scalar_t*>(down_weight.const_data_ptr()) : nullptr;
     cpu::parallel_items(num_slices, [&](int64_t begin, int64_t end) {
       at::Tensor product = at::empty({scratch_rows, cpu::kSliceColumns}, hidden.options());
+      std::vector<opmath_t> converted(std::is_same_v<scalar_t, opmath_t> ? 0 : cpu::kDirectRows * d_ff);
       for (int64_t slice = begin; slice < end; ++slice) {
         const int64_t first = slice * cpu::kSliceColumns, width = std::min(cpu::kSliceColumns, d - first);
         std::vector<opmath_t> bias(width, opmath_t(0));
         for (const cpu::RowTile& tile : tiles) {
           const int64_t count = tile.end - tile.begin;
-          const at::Tensor weight = cpu::expert_matrix(down_weight, tile.expert, dtype);  // [d, d_ff]
-          at::Tensor out = cpu::matrix(product.data_ptr<scalar_t>(), count, width, width, 1, dtype);
-          at::mm_out(out, cpu::matrix(row_data + tile.begin * rows.stride(0), count, d_ff, rows.stride(0), 1, dtype),
-                     cpu::matrix(weight.const_data_ptr<scalar_t>() + first * weight.stride(0), d_ff, width,
-                                 weight.stride(1), weight.stride(0), dtype));
+          if (direct && count <= cpu::kDirectRows) {
+            const scalar_t* hidden_rows[cpu::kDirectRows];
+            for (int64_t i = 0; i < count; ++i) hidden_rows[i] = row_data + (tile.begin + i) * rows.stride(0);
+            const opmath_t* a[cpu::kDirectRows];
+            cpu::opmath_rows(hidden_rows, count, d_ff, converted.data(), a);
+            cpu::direct_gemm(count, a, down_data + tile.expert * down_weight.stride(0) + first * down_weight.stride(1),
+                             down_weight.stride(1), width, d_ff, product.data_ptr<scalar_t>(), width);
+          } else {
+            const at::Tensor weight = cpu::expert_matrix(down_weight, tile.expert, dtype);  // [d, d_ff]
+            at::Tensor out = cpu::matrix(product.data_ptr<scalar_t>(), count, width, width, 1, dtype);
+            at::mm_out(out, cpu::matrix(row_data + tile.begin * rows.stride(0), count, d_ff, rows.stride(0), 1, dtype),
+                       cpu::matrix(weight.const_data_ptr<scalar_t>() + first * weight.stride(0), d_ff, width,
+                                   weight.stride(1), weight.stride(0), dtype));
+          }
           load_bias(down_bias, tile.expert, first, bias);
           const scalar_t* product_data = product.const_data_ptr<scalar_t>();
           for (int64_t i = 0; i < count; ++i) {

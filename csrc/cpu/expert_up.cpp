@@ -3,7 +3,8 @@
 // moe_kernels/pipeline.py, activations.py).
 //
 // Forward, one parallel loop over (expert, row tile) for the experts that received rows: gather the
-// tile's tokens, one BLAS GEMM with the expert's weight, bias and activation row by row into hidden.
+// tile's tokens, one BLAS GEMM with the expert's weight (direct_gemm.h for tiles of at most kDirectRows
+// rows), bias and activation row by row into hidden.
 // The pre-activation is written to a [R, N] output only when the caller keeps it for backward.
 // Backward: the activation's backward per row tile into grad_pre [R, N]; per row tile one GEMM for the
 // dx rows, then each token sums its rows in slot order; the weight and bias gradients per expert (or
@@ -18,6 +19,7 @@
 
 #include "../ops.h"
 #include "activation.h"
+#include "direct_gemm.h"
 #include "experts.h"
 
 namespace moe_kernels {
@@ -95,22 +97,33 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
     const int64_t token_stride = tokens.stride(0);
     scalar_t* hidden_data = hidden.data_ptr<scalar_t>();
     scalar_t* kept_data = keep_pre_activation ? pre_activation.data_ptr<scalar_t>() : nullptr;
+    const bool direct = cpu::direct_weights(up_weight, dtype);
+    const scalar_t* weight_data = direct ? static_cast<const scalar_t*>(up_weight.const_data_ptr()) : nullptr;
     cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
       at::Tensor gathered = at::empty({scratch_rows, d}, x.options());
       at::Tensor scratch = keep_pre_activation ? at::Tensor() : at::empty({scratch_rows, n_up}, x.options());
       std::vector<opmath_t> gate(d_ff), up(gated ? d_ff : 0), bias(n_up, opmath_t(0));
+      std::vector<opmath_t> converted(std::is_same_v<scalar_t, opmath_t> ? 0 : cpu::kDirectRows * d);
       for (int64_t item = begin; item < end; ++item) {
         const cpu::RowTile& tile = tiles[item];
         const int64_t rows = tile.end - tile.begin;
-        scalar_t* gathered_data = gathered.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < rows; ++i) {
-          std::memcpy(gathered_data + i * d, token_data + layout.token_of_row(tile.begin + i) * token_stride,
-                      d * sizeof(scalar_t));
-        }
         scalar_t* pre = keep_pre_activation ? kept_data + tile.begin * n_up : scratch.data_ptr<scalar_t>();
-        const at::Tensor weight = cpu::expert_matrix(up_weight, tile.expert, dtype);  // [N, d]
-        at::Tensor pre_tile = cpu::matrix(pre, rows, n_up, n_up, 1, dtype);
-        at::mm_out(pre_tile, cpu::matrix(gathered_data, rows, d, d, 1, dtype), cpu::transposed(weight));
+        if (direct && rows <= cpu::kDirectRows) {
+          const scalar_t* token_rows[cpu::kDirectRows];
+          for (int64_t i = 0; i < rows; ++i) token_rows[i] = token_data + layout.token_of_row(tile.begin + i) * token_stride;
+          const opmath_t* a[cpu::kDirectRows];
+          cpu::opmath_rows(token_rows, rows, d, converted.data(), a);
+          cpu::direct_gemm(rows, a, weight_data + tile.expert * up_weight.stride(0), up_weight.stride(1), n_up, d, pre, n_up);
+        } else {
+          scalar_t* gathered_data = gathered.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < rows; ++i) {
+            std::memcpy(gathered_data + i * d, token_data + layout.token_of_row(tile.begin + i) * token_stride,
+                        d * sizeof(scalar_t));
+          }
+          const at::Tensor weight = cpu::expert_matrix(up_weight, tile.expert, dtype);  // [N, d]
+          at::Tensor pre_tile = cpu::matrix(pre, rows, n_up, n_up, 1, dtype);
+          at::mm_out(pre_tile, cpu::matrix(gathered_data, rows, d, d, 1, dtype), cpu::transposed(weight));
+        }
         load_bias(up_bias, tile.expert, bias);
         for (int64_t i = 0; i < rows; ++i) {
           scalar_t* z = pre + i * n_up;

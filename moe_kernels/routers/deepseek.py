@@ -71,8 +71,10 @@ class DeepSeek(Router):
         else:
             self.e_score_correction_bias = None
 
-    def options(self) -> dict:
-        return {**super().options(), "correction_bias": self.e_score_correction_bias is not None}
+    @property
+    def correction_bias(self) -> bool:
+        """Whether the router has the ``e_score_correction_bias`` buffer (the constructor option)."""
+        return self.e_score_correction_bias is not None
 
     def forward(self, x: Tensor, use_kernel: bool = False) -> Routing:
         """x [T, d] → Routing with S = k (fields in ``base.Routing``); no fused kernel."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moe_kernels import routers
+from moe_kernels.routers import base
 from moe_kernels.routers.base import linear, top_k
 
 
@@ -22,11 +23,13 @@ def test_top_k_is_exact_with_ties_to_the_lower_index(dtype):
         [-1e-45, 1e-45, 0.0, -3.0e38, 3.0e38],  # denormals, extremes
         [1.0, 1.0 + 2**-23, 1.0 - 2**-24, 1.0, 0.5],  # one-ulp differences
     ]
-    scores = torch.tensor(rows, dtype=dtype)
-    for k in range(1, 6):
-        got = top_k(scores, k)
-        assert got.dtype == torch.int32
-        assert got.tolist() == [_ranked(row)[:k] for row in scores.tolist()]
+    few = torch.tensor(rows, dtype=dtype)
+    many = few.repeat(base.SORT_ROWS // len(rows) + 1, 1)  # past SORT_ROWS: float32 takes the int64 keys
+    for scores in (few, many):
+        for k in range(1, 6):
+            got = top_k(scores, k)
+            assert got.dtype == torch.int32
+            assert got.tolist() == [_ranked(row)[:k] for row in scores.tolist()]
 
 
 def test_top_k_on_random_near_ties_matches_a_stable_sort():

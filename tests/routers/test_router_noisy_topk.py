@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from formulas import ranked, softmax
 from moe_kernels import routers
 
 
@@ -11,14 +12,6 @@ def phi(value: float) -> float:
     return 0.5 * (1.0 + math.erf(value / math.sqrt(2.0)))
 
 
-def softmax(values):
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    return [e / sum(exps) for e in exps]
-
-
-def ranked(scores):
-    return sorted(range(len(scores)), key=lambda e: (-scores[e], e))
 
 
 def cv_squared(values):

@@ -5,19 +5,11 @@ import math
 import pytest
 import torch
 
+from formulas import ranked, softmax
 from moe_kernels import routers
 from moe_kernels.routers.softmax_topk import SoftmaxTopK
 
 
-def softmax(values):
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    return [e / sum(exps) for e in exps]
-
-
-def ranked(scores):
-    """Expert ids by descending score, ties to the lower id."""
-    return sorted(range(len(scores)), key=lambda e: (-scores[e], e))
 
 
 def identity_router(num_experts, k, **options):

@@ -5,6 +5,9 @@ Door 1, the experts implementation: after ``register()``,
 ``model.set_experts_implementation("moe_kernels")`` runs every experts module of the model (Mixtral,
 Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...) through ``moe_kernels.experts_forward``. The routing stays
 the model's own; only the expert GEMMs change. ``unregister()`` takes the name back out.
+
+Door 2, whole blocks: ``moe_kernels.swap(model)`` replaces the MoE blocks (router + experts) of the families in
+``blocks.PLANS`` by ``moe_kernels.MoE`` layers sharing their Parameters (``blocks``; state-dict keys: ``keys``).
 """
 from __future__ import annotations
 
