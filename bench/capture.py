@@ -214,8 +214,8 @@ class LaunchCapture:
 
 
 def _meta_as_cuda(resolve):
-    def resolve_meta_as_cuda(name, device):
-        return resolve(name, torch.device("cuda") if torch.device(device).type == "meta" else device)
+    def resolve_meta_as_cuda(name, device, *args):
+        return resolve(name, torch.device("cuda") if torch.device(device).type == "meta" else device, *args)
 
     return resolve_meta_as_cuda
 

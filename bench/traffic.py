@@ -1,7 +1,8 @@
 """The traffic meter: the work the layer's kernels do, counted on the CPU under the Triton interpreter.
 
     TRITON_INTERPRET=1 python3 -m bench.traffic [--configs Qwen ...] [--tokens 1 16 64 512] [--dtype float16]
-                                                [--real] [--forward-only] [--out bench/results] [--name STEM]
+                                                [--real | --scale 8] [--forward-only] [--out bench/results]
+                                                [--name STEM]
 
 This is counted work, not GPU time. The real kernels run under TRITON_INTERPRET=1 (set by the command
 itself when unset) with hooks on the interpreter's loads, stores and dots:
@@ -74,7 +75,7 @@ RESULTS = Path(__file__).parent / "results"
 # ATen ops that launch no kernel: metadata changes and allocations (views are recognised by func.is_view).
 NO_KERNEL = {
     "detach", "alias", "set_", "resize_", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
-    "new_empty_strided", "_local_scalar_dense",
+    "new_empty_strided", "_local_scalar_dense", "promote_types", "result_type",  # the last two: dtype arithmetic
 }
 
 
@@ -359,6 +360,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--real", action="store_true", help="the published sizes instead of d_model, d_ff / 8 (slow)")
+    parser.add_argument("--scale", type=int, default=bench_configs.CPU_SCALE,
+                        help="d_model and d_ff divided by this without --real (the gates' prefill layer: 32)")
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", help="file stem (default traffic-cpu-<date>, traffic-real-<date> with --real)")
@@ -371,7 +374,7 @@ def main(argv=None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     configs = bench_configs.select(bench_configs.MODEL_CONFIGS, args.configs)
     if not args.real:
-        configs = tuple(bench_configs.scaled_for_cpu(config) for config in configs)
+        configs = tuple(bench_configs.scaled_for_cpu(config, args.scale) for config in configs)
     meta = {**environment(torch.device("cpu"), dtype), "configs": [asdict(c) for c in configs], "tokens": args.tokens}
     stem = args.out / (args.name or f"traffic-{'real' if args.real else 'cpu'}-{datetime.date.today().isoformat()}")
     args.out.mkdir(parents=True, exist_ok=True)

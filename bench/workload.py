@@ -39,7 +39,9 @@ def run_layer(
     Everything outside the two sections (making dy, the leaf x) is not part of either pass.
     """
     x = x.detach().requires_grad_(backward)
-    with section("forward"):
+    # A forward with no backward is an inference step (a decode step of a server): no autograd recording,
+    # so the router's losses, which only matter to a backward, are not computed.
+    with section("forward"), torch.set_grad_enabled(backward):
         y = layer(x)
     if backward:
         dy = torch.randn_like(y)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import checks, routers
 from .activations import Activation, activate, resolve
 from .pipeline import Backend, capacity_ratio
-from .routers.base import Routing, uniform_
+from .routers.base import Routing, autocast_dtype, uniform_, without_autocast
 
 AUX_LOSS_MODES = ("attach", "manual")
 
@@ -231,13 +231,14 @@ class MoEBase(nn.Module):
         # Under autocast the experts compute in its dtype, as its matmuls would (float64 is left alone, as
         # autocast does); the router computes in float32 on the tokens as they are.
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
-            expert_tokens = tokens.to(torch.get_autocast_dtype(device_type))
+        autocast_to = autocast_dtype(device_type)
+        if autocast_to is not None and x.dtype != torch.float64:
+            expert_tokens = tokens.to(autocast_to)
         else:
             expert_tokens = tokens
         backend = self._backend(expert_tokens)
         routing = self._take_aux_loss(self.gate(tokens, use_kernel=backend is not None and backend.fused_routing))
-        with torch.autocast(device_type, enabled=False):
+        with without_autocast(device_type):
             y = self._experts_output(expert_tokens, routing, sequence_length, backend)
             y = self._add_shared_expert(expert_tokens, y)
         return y.view(*x.shape[:-1], self.d_model)

@@ -193,7 +193,7 @@ def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: in
         tokens_per_expert.zero_(), expert_offsets.zero_(), sorted_assignments.fill_(-1)
         return permutation
 
-    chunk, sub = permute_chunk(num_assignments)
+    chunk, sub = permute_chunk(num_assignments, num_experts)
     num_chunks = max(1, triton.cdiv(num_assignments, chunk))
     num_bins = triton.next_power_of_2(num_experts + 1)
     chunk_counts = torch.empty((num_chunks, num_experts), dtype=torch.int32, device=device)

@@ -31,6 +31,12 @@ import triton
 # that every SM streams weights. A fixed number, not the device's, so that the split-K reduction order
 # (and so the bits of the result) does not depend on which GPU runs it.
 NUM_SMS = 132
+# A decode program streams its share of one expert's weights; what it reads besides (tokens_per_expert to
+# find its expert, 4·E bytes; its rows of x or hidden, again for every column block; split-K partials) is
+# overhead the traffic meter counts (on a GPU mostly L2 hits). Programs shrink towards NUM_SMS only while
+# that overhead stays within a tenth of their weight bytes, which lets Switch-Base's GEMM 1 and GEMM 2 (the
+# smallest of the four decode layers) reach 132 programs at T = 1.
+OVERHEAD_SHARE = 10
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,16 @@ def _is_16_bit(dtype: torch.dtype) -> bool:
     return dtype.itemsize == 2
 
 
+def _column_block(width: int, widest: int) -> int:
+    """Columns per block across ``width``: ``widest`` (a power of two), halved (down to 32) while the last
+    block would be mostly padding, more than width/16 columns of MACs wasted (traffic meter: widths such as
+    GPT-OSS's d_ff 2880 = 22.5·128 or the CPU-scaled layers' 448; the bench layers' widths are multiples of 128)."""
+    block = min(widest, max(16, triton.next_power_of_2(width)))
+    while block > 32 and 16 * (triton.cdiv(width, block) * block - width) > width:
+        block //= 2
+    return block
+
+
 def row_gemm_tiles(
     num_rows: int, num_tokens: int, k: int, num_experts: int, n_out: int, n_in: int, dtype: torch.dtype,
     arch: int, halves: int = 1, may_split_k: bool = False,
@@ -119,12 +135,17 @@ def row_gemm_tiles(
 
     Two regimes, by the expected rows per expert μ = T·k/E:
     - Decode (μ < 32): block_m covers ~2μ rows (16 to 64) so that each expert's rows take one tile and its
-      weights are read once (traffic meter: issue 10's bytes); block_n shrinks (down to 16) until the
-      expected useful programs (experts with rows × column blocks) reach NUM_SMS, and where even 16
-      columns cannot, split-K takes the rest. block_k 128 for 16-bit inputs: long contiguous weight rows.
+      weights are read once (traffic meter: issue 10's bytes). Each program's reads besides its weights
+      (its rows of x, again for every column block) must stay within 1/OVERHEAD_SHARE of its weight
+      bytes: block_n starts at 128 (64 per half when gated) and doubles (up to 256) until they do (many
+      rows per tile: Mixtral at T = 64 re-read x for 12% of the weight bytes at 64 columns per half);
+      then block_n halves (down to 16) and split-K doubles where the launcher can reduce partials, while
+      that holds, until the expected useful programs (experts with rows × column blocks × splits) reach
+      NUM_SMS. block_k 128 for 16-bit inputs (64 on sm_80): long contiguous weight rows.
     - Prefill (μ ≥ 32): block_m = μ/4 rounded down to a power of two in [16, 128], which keeps the
       padding of a partial last tile near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
-      μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated), GROUP_M = 8.
+      μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated; narrower where the last column
+      block would be mostly padding), GROUP_M = 8.
     On sm_90, tiles shorter than 64 rows are computed swapped (swap_ab) so that they still compile to
     wgmma (compile audit); sm_80 runs mma.sync either way.
     """
@@ -135,28 +156,44 @@ def row_gemm_tiles(
     if rows_per_expert < 32:
         longest = max(16, triton.next_power_of_2(max(min(num_tokens, num_rows), 1)))
         block_m = min(64, longest, max(16, triton.next_power_of_2(math.ceil(2 * rows_per_expert))))
-        block_k = min(128 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
+        # 128 on sm_80 spilled 8 B in Switch's d(hidden) GEMM at T = 64 (compile audit).
+        block_k = min((128 if arch >= 90 else 64) if narrow else 32, max(16, triton.next_power_of_2(n_in)))
         useful_tiles = max(1, min(num_experts, num_rows))
-        block_n = min(128 // halves, max(16, triton.next_power_of_2(n_out)))
-        while block_n > 16 and useful_tiles * triton.cdiv(n_out, block_n) < NUM_SMS:
+        tile_rows = max(1.0, rows_per_expert)
+
+        def affordable(block_n: int, split_k: int) -> bool:
+            reduction = n_in // split_k
+            weight_bytes = reduction * block_n * halves * dtype.itemsize
+            other_bytes = 4 * num_experts + tile_rows * reduction * dtype.itemsize
+            if split_k > 1:
+                other_bytes += 2 * tile_rows * block_n * 4
+            return OVERHEAD_SHARE * other_bytes <= weight_bytes
+
+        widest = min(256 // halves, max(16, triton.next_power_of_2(n_out)))
+        block_n = min(128 // halves, widest)
+        while block_n < widest and not affordable(block_n, 1):  # many rows per tile: x re-read per column block
+            block_n *= 2
+        while block_n > 16 and useful_tiles * triton.cdiv(n_out, block_n) < NUM_SMS and affordable(block_n // 2, 1):
             block_n //= 2
         programs = useful_tiles * triton.cdiv(n_out, block_n)
         split_k = 1
-        if may_split_k and programs < NUM_SMS:
-            # Each split keeps at least two block_k steps of the reduction.
-            most = _prev_power_of_2(max(1, n_in // (2 * block_k)))
-            split_k = min(most, triton.next_power_of_2(triton.cdiv(NUM_SMS, programs)))
+        while (may_split_k and programs * split_k < NUM_SMS and n_in // (2 * split_k) >= block_k
+               and affordable(block_n, 2 * split_k)):
+            split_k *= 2
         group_m = 1
         num_stages = 4 if arch >= 90 else 3
+        # 8 warps from 8K accumulators: the widened tiles (32 × 256 at Mixtral's T = 64) spilled on sm_80 with 4.
+        wide_accumulator = 8192
     else:
         block_m = min(128, max(16, _prev_power_of_2(rows_per_expert / 4)))
-        block_k = 64 if narrow else 32
-        block_n = min(128 // halves, max(16, triton.next_power_of_2(n_out)))
+        block_k = min(64 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
+        block_n = _column_block(n_out, 128 // halves)
         split_k = 1
         group_m = 8
         num_stages = 3
+        wide_accumulator = 128 * 128
     swap_ab = arch >= 90 and block_m < 64 and dtype != torch.float64
-    num_warps = 8 if block_m * block_n * halves >= 128 * 128 else 4
+    num_warps = 8 if block_m * block_n * halves >= wide_accumulator else 4
     return _decided("row", shape, GemmTiles(block_m, block_n, block_k, split_k, swap_ab, group_m, num_warps, num_stages))
 
 
@@ -168,14 +205,17 @@ def weight_grad_tiles(
     block_n × block_k is the output tile (n_row × n_tok), block_m the rows summed per step. Each program
     reads its expert's rows once per output tile, so the inputs are re-read n_tok/block_k and n_row/block_n
     times: 128×128 output tiles for 16-bit inputs keep that low (traffic meter), 64×64 for 4-byte ones
-    (registers).
+    (registers), narrower where a last block would be mostly padding.
     """
     shape = dict(num_tokens=num_tokens, k=k, num_experts=num_experts, n_row=n_row, n_tok=n_tok, dtype=dtype, arch=arch)
     narrow = _is_16_bit(dtype)
     wide_tile = 128 if narrow else 64
-    block_n = min(wide_tile, max(16, triton.next_power_of_2(n_row)))
-    block_k = min(wide_tile, max(16, triton.next_power_of_2(n_tok)))
-    block_m = 64 if narrow else 32
+    block_n = _column_block(n_row, wide_tile)
+    block_k = _column_block(n_tok, wide_tile)
+    # Rows summed per step: μ/4 as the row GEMMs' block_m, so that the last step's padding rows stay near
+    # 1/8 of an expert's rows (MACs executed ≤ 1.25× useful at μ ≥ 64, issue 11).
+    rows_per_expert = num_tokens * k / max(num_experts, 1)
+    block_m = min(64 if narrow else 32, max(16, _prev_power_of_2(rows_per_expert / 4)))
     num_warps = 8 if block_n * block_k >= 128 * 128 else 4
     tiles = GemmTiles(block_m, block_n, block_k, 1, False, 1, num_warps, 3)
     return _decided("weight_grad", shape, tiles)
@@ -190,15 +230,19 @@ def gating_tiles(block_e: int) -> tuple[int, int]:
     return max(1, min(64, 2048 // block_e)), 8
 
 
-def permute_chunk(num_assignments: int) -> tuple[int, int]:
+def permute_chunk(num_assignments: int, num_experts: int) -> tuple[int, int]:
     """(CHUNK, SUB) of the permutation kernels: assignments per program, and per step within it.
 
-    SUB = 128 (a SUB² comparison tile of 16K, no spills on sm_90), fewer for a short stream. Up to 1024
-    assignments (T·k of any decode step) one program takes the whole stream, so the permutation is one
+    SUB: at most 128 (a SUB² comparison tile of 16K) and at most 8K / NUM_BINS (NUM_BINS = the next power
+    of two above E: each step gathers per-expert counts through a [SUB, NUM_BINS] tile; 128 × 512 spilled
+    24 KB per program on sm_90a for E = 256, 64 × 256 36 B on sm_80, compile audit), at least 16; fewer for
+    a short stream. Up to
+    1024 assignments (T·k of any decode step) one program takes the whole stream, so the permutation is one
     launch; above, chunks of at least 1024 and at most 128 programs, so that each program's pass over the
     others' counts ([num_chunks, E]) stays short. Not yet timed on a GPU.
     """
-    sub = min(128, triton.next_power_of_2(max(num_assignments, 1)))
+    num_bins = triton.next_power_of_2(num_experts + 1)
+    sub = min(128, max(16, 8192 // num_bins), triton.next_power_of_2(max(num_assignments, 1)))
     if num_assignments <= 1024:
         return max(sub, triton.next_power_of_2(max(num_assignments, 1))), sub
     return max(1024, triton.next_power_of_2(triton.cdiv(num_assignments, 128))), sub

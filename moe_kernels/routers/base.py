@@ -1,6 +1,7 @@
 """What every router shares: the ``Routing`` it returns, the ``Router`` base module and the one ranking rule."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import NamedTuple
@@ -64,12 +65,26 @@ def router_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type``, or None where it is off or does not exist (meta)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A block where autocast is off on ``device_type`` (nothing to turn off on meta tensors)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x·weightᵀ + bias in the router's dtype whatever autocast says (Switch Transformer's selective precision)."""
     dtype = router_dtype(x)
-    if not torch.is_autocast_enabled(x.device.type):  # the context costs ~9 µs of the 23 of a T = 1 router call
+    if autocast_dtype(x.device.type) is None:  # the context costs ~9 µs of the 23 of a T = 1 router call
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    with torch.autocast(x.device.type, enabled=False):
+    with without_autocast(x.device.type):
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
