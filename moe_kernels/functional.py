@@ -73,8 +73,10 @@ def _check(x, weights, experts, up_weight, down_weight, activation, up_bias, dow
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
-    if experts.device.type == "cpu" and experts.numel():  # on a GPU this check would wait on the device
-        low, high = int(experts.min()), int(experts.max())
+    # On a GPU this check would wait on the device; under torch.compile it would break the graph (the
+    # C++ permute op, which runs there when built, refuses an id out of range too).
+    if experts.device.type == "cpu" and experts.numel() and not torch.compiler.is_compiling():
+        low, high = (int(bound) for bound in torch.aminmax(experts))  # one pass over [T, k]
         if low < 0 or high >= num_experts:
             raise ValueError(f"experts must hold ids in [0, {num_experts}), got values in [{low}, {high}]")
 
