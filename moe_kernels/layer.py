@@ -114,4 +114,4 @@ def _swap_transformers_block(module: nn.Module, backend: str) -> MoE | None:
         return None
     from .integrations.transformers.blocks import swap_block
 
-    return swap_block(module, backend)
+    return swap_block(module, backend, MoE)

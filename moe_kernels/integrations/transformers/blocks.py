@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from transformers.utils.output_capturing import _active_collector
 
 from ...activations import Activation
-from ...layer import MoE
 from ...modules import Experts
 from ...routers import ROUTERS
 from . import keys
@@ -187,9 +186,11 @@ PLANS: dict[str, Callable[[nn.Module], Plan]] = {
 }
 
 
-def swap_block(block: nn.Module, backend: str) -> MoE | None:
-    """The moe_kernels layer that replaces ``block`` (sharing its Parameters, keeping its state-dict keys, handing
-    its router logits to the model's recorder), or None when ``block``'s class is not one swap knows."""
+def swap_block(block: nn.Module, backend: str, layer_class: type[nn.Module]) -> nn.Module | None:
+    """The moe_kernels layer (a ``layer_class``, the fast ``moe_kernels.MoE`` that swap passes in: this module
+    builds on the layer, the layer does not import it) that replaces ``block``, sharing its Parameters, keeping
+    its state-dict keys and handing its router logits to the model's recorder; None when ``block``'s class is not
+    one swap knows."""
     plan_of = PLANS.get(f"{type(block).__module__}.{type(block).__qualname__}")
     if plan_of is None:
         return None
@@ -199,7 +200,7 @@ def swap_block(block: nn.Module, backend: str) -> MoE | None:
         raise _refuse(block, f"its shared expert's activation {type(shared.act_fn).__name__} differs from the experts'")
     up_weight = plan.experts.up_weight
     no_loss = {name: 0.0 for name in ROUTERS[plan.router].option_names() if name.endswith("_loss_weight")}
-    layer = MoE(
+    layer = layer_class(
         up_weight.shape[2], up_weight.shape[1] // plan.activation.up_width(1), up_weight.shape[0], plan.k, router=plan.router, activation=plan.activation,
         expert_capacity=plan.expert_capacity, expert_bias=plan.experts.down_bias is not None,
         shared_d_ff=None if shared is None else shared.down_proj.weight.shape[1],
@@ -231,7 +232,7 @@ def _tensor(block: nn.Module, name: str) -> Tensor:
     return getattr(block.get_submodule(owner), attribute)
 
 
-def _record_router_logits(layer: MoE, per_sequence: bool) -> None:
+def _record_router_logits(layer: nn.Module, per_sequence: bool) -> None:
     """Hand the logits [T, E] of each call of ``layer.gate`` (or [..., E] shaped like the layer's input, with
     ``per_sequence``) to transformers' output recorder when the model is recording router logits, as the hooks
     that transformers puts on its own router classes do."""
