@@ -237,7 +237,7 @@ class MoEBase(nn.Module):
         else:
             expert_tokens = tokens
         backend = self._backend(expert_tokens)
-        routing = self._take_aux_loss(self.gate(tokens, use_kernel=backend is not None and backend.fused_routing))
+        routing = self._take_aux_loss(self.gate(tokens, use_kernel=None if backend is None else backend.fused_routing))
         with without_autocast(device_type):
             y = self._experts_output(expert_tokens, routing, sequence_length, backend)
             y = self._add_shared_expert(expert_tokens, y)

@@ -53,6 +53,35 @@ if _C is not None:
     torch.library.register_fake("moe_kernels::permute", permute_fake)
 
 
+# ------------------------------------------------------------------------------- the CPU router kernel
+# moe_kernels::cpu_softmax_topk (csrc/cpu/softmax_topk.cpp): routers/softmax_topk.py's softmax_top_k in one
+# op, forward only, for the routers' ``use_kernel`` hook on the CPU where nothing records a gradient.
+
+
+def routes(logits: Tensor) -> bool:
+    """Whether the C++ router kernel takes these logits: built, CPU, float32/float64, eager, no gradient
+    recorded and no forward-mode AD (it has no derivative; torch.compile traces the PyTorch definition)."""
+    if _C is None or logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.compiler.is_compiling() or grad_required(logits) or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return forward_ad._current_level < 0 or forward_ad.unpack_dual(logits).tangent is None
+
+
+def softmax_top_k(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """routers.softmax_topk.softmax_top_k by the C++ CPU kernel: (weights [T, k] in logits' dtype, experts
+    [T, k] int32); logits [T, E] float32/float64 CPU, no gradient."""
+    return torch.ops.moe_kernels.cpu_softmax_topk(logits, k, renormalize)
+
+
+def _softmax_top_k_fake(logits, k, renormalize):
+    return logits.new_empty(logits.shape[0], k), logits.new_empty(logits.shape[0], k, dtype=torch.int32)
+
+
+if _C is not None:
+    torch.library.register_fake("moe_kernels::cpu_softmax_topk", _softmax_top_k_fake)
+
+
 # ------------------------------------------------------------------------------- the CPU expert path
 # moe_kernels::cpu_expert_up / cpu_expert_down_combine (csrc/cpu): the backend-"torch" stages on the CPU.
 # Autograd lives here, over the C++ backward ops; the forward of expert_up keeps the pre-activation

@@ -1,5 +1,6 @@
-"""The native ops of moe_kernels._C against their PyTorch definitions (backends/pytorch.py): the permutation,
-compared exactly. Build the extension first: python setup.py build_ext --inplace.
+"""The native ops of moe_kernels._C against their PyTorch definitions: the permutation (backends/pytorch.py),
+compared exactly; the softmax top-k router kernel (routers/softmax_topk.py): ids exactly, weights as the Triton
+kernel's (tests/test_kernels_gating.py). Build the extension first: python setup.py build_ext --inplace.
 """
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import math
 import pytest
 import torch
 
-from helpers import padded_permutation
+from helpers import assert_close_to_float64, padded_permutation, router_logits
+from moe_kernels import routers
 from moe_kernels import native
 from moe_kernels.backends import pytorch as torch_backend
 from moe_kernels.layer import MoE
 from moe_kernels.pipeline import Permutation, num_sorted_rows
 from moe_kernels.reference import MoE as ReferenceMoE
 from moe_kernels.routers import top_k
+from moe_kernels.routers.softmax_topk import softmax_top_k
 
 requires_native = pytest.mark.skipif(
     not native.has_cpu_ops(), reason="moe_kernels._C is not built: run python setup.py build_ext --inplace"
@@ -98,6 +101,111 @@ def test_permute_rejects_out_of_range_ids():
 def test_opcheck_permute(capacity, block_m):
     experts = routed_experts(33, 8, 2, "normal")
     torch.library.opcheck(torch.ops.moe_kernels.permute.default, (experts, 8, capacity, block_m))
+
+
+# (T, E, k, data): T = 0 and 1, odd sizes, k = 1 and k = E, E up to 256; skewed and tied logits over many tokens.
+ROUTER_CASES = [(0, 4, 2, "normal"), (1, 1, 1, "normal"), (1, 128, 8, "normal"), (37, 7, 3, "normal"),
+                (37, 7, 7, "ties"), (37, 7, 1, "skewed"), (300, 64, 8, "normal"), (300, 64, 8, "ties"),
+                (65, 256, 8, "skewed"), (65, 256, 4, "ties")]
+
+
+@requires_native
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("num_tokens,num_experts,k,data", ROUTER_CASES)
+def test_softmax_top_k_matches_the_definition(num_tokens, num_experts, k, data, renormalize, poisoned_allocations):
+    logits = router_logits(num_tokens, num_experts, data, seed=num_tokens * 1000 + num_experts + k)
+    weights, experts = native.softmax_top_k(logits, k, renormalize)
+    expected_weights, expected_experts = softmax_top_k(logits, k, renormalize)
+    assert experts.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(experts, expected_experts)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+    if data == "normal" and num_tokens > 1:
+        weights64, experts64 = softmax_top_k(logits.double(), k, renormalize)
+        assert torch.equal(experts64, experts)
+        assert_close_to_float64(weights, expected_weights, weights64, 2)
+        got64 = native.softmax_top_k(logits.double(), k, renormalize)
+        assert torch.equal(got64[1], experts64) and got64[0].dtype == torch.float64
+        torch.testing.assert_close(got64[0], weights64, rtol=1e-12, atol=1e-14)
+
+
+@requires_native
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_top_k_ranks_non_finite_and_signed_zero_logits_as_the_definition(renormalize):
+    """NaN above every number, -0.0 equal to 0.0 (ties to the lower id), ±inf; a strided view of the logits."""
+    wide = router_logits(40, 14, "normal", seed=3)
+    logits = wide[:, ::2]
+    logits[5] = math.nan
+    logits[8, 4] = math.nan
+    logits[11, 2] = math.inf
+    logits[12, 1] = -math.inf
+    logits[13] = 0.0
+    logits[13, :3] = -0.0
+    weights, experts = native.softmax_top_k(logits, 3, renormalize)
+    expected_weights, expected_experts = softmax_top_k(logits.contiguous(), 3, renormalize)
+    assert torch.equal(experts, expected_experts) and experts[8, 0] == 4 and experts[11, 0] == 2
+    assert experts[13].tolist() == [0, 1, 2]
+    finite = torch.ones(40, dtype=torch.bool)
+    finite[[5, 8, 11]] = False
+    torch.testing.assert_close(weights[finite], expected_weights[finite], rtol=1e-5, atol=1e-6)
+    assert weights[[5, 8]].isnan().all()
+
+
+@requires_native
+def test_softmax_top_k_is_deterministic_across_thread_counts():
+    logits = router_logits(3000, 64, "normal", seed=9)
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for num_threads in (1, max(threads, 2)):
+            torch.set_num_threads(num_threads)
+            outputs.append(native.softmax_top_k(logits, 6, False))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
+@requires_native
+@pytest.mark.parametrize(
+    "logits,k,message",
+    [(torch.zeros(4, 3, dtype=torch.bfloat16), 2, "float32 or float64"), (torch.zeros(4, 3), 4, r"k must be in \[1, E=3\]"),
+     (torch.zeros(4), 1, r"\[T, E\]"), (torch.zeros(4, 3), 0, "k must be")],
+)
+def test_softmax_top_k_rejects_bad_arguments(logits, k, message):
+    with pytest.raises(RuntimeError, match=message):
+        native.softmax_top_k(logits, k, True)
+
+
+@requires_native
+def test_opcheck_softmax_top_k():
+    logits = router_logits(21, 9, "normal", seed=4)
+    for renormalize in (True, False):
+        torch.library.opcheck(torch.ops.moe_kernels.cpu_softmax_topk.default, (logits, 3, renormalize))
+
+
+@requires_native
+@pytest.mark.parametrize("name,options", [("topk", {"renormalize": True}), ("topk", {"renormalize": False, "bias": True}),
+                                          ("switch", {}), ("noisy_topk", {})])
+def test_routers_take_the_cpu_kernel_only_where_no_gradient_is_recorded(name, options, monkeypatch):
+    """use_kernel="cpu": the C++ kernel without autograd (same routing as the definition), the definition with
+    it (differentiable weights), and the definition for noisy top-k in training (noise)."""
+    k = 1 if name == "switch" else 3
+    router = routers.build(name, 12, 10, k, **options).eval()
+    x = torch.cat([torch.randn(30, 12), torch.randint(-1, 2, (30, 12)).float()])  # random and tied logits
+    calls = []
+    kernel = native.softmax_top_k
+    monkeypatch.setattr(native, "softmax_top_k", lambda *args, **kwargs: calls.append(args) or kernel(*args, **kwargs))
+    with torch.no_grad():
+        fused, plain = router(x, use_kernel="cpu"), router(x)
+    assert len(calls) == 1
+    assert torch.equal(fused.experts, plain.experts)
+    torch.testing.assert_close(fused.weights, plain.weights, rtol=1e-5, atol=1e-6)
+    with_grad = router(x, use_kernel="cpu")
+    assert len(calls) == 1 and with_grad.weights.requires_grad
+    if name == "noisy_topk":
+        with torch.no_grad():
+            router.train()(x, use_kernel="cpu")
+        assert len(calls) == 1
 
 
 def run_layer(layer, x):

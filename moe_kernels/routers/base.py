@@ -100,7 +100,7 @@ class Router(nn.Module):
 
     A subclass takes ``(d_model, num_experts, k)`` and keyword-only options (plus ``device``, ``dtype``), keeps
     each option as an attribute of the same name, validates it with ``moe_kernels.checks``, and implements
-    ``forward(x, use_kernel=False) -> Routing``.
+    ``forward(x, use_kernel=None) -> Routing``.
     """
 
     chooses_tokens = False

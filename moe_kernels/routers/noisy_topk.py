@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import checks
+from .. import checks, native
 from . import losses
 from .base import Router, Routing, linear, top_k, uniform_
 
@@ -48,8 +48,10 @@ class NoisyTopK(Router):
         self.importance_loss_weight = checks.number("importance_loss_weight", importance_loss_weight)
         self.load_loss_weight = checks.number("load_loss_weight", load_loss_weight)
 
-    def forward(self, x: Tensor, use_kernel: bool = False) -> Routing:
-        """x [T, d] → Routing with S = k (fields in ``base.Routing``); no fused kernel."""
+    def forward(self, x: Tensor, use_kernel: str | None = None) -> Routing:
+        """x [T, d] → Routing with S = k (fields in ``base.Routing``). Without noise (evaluation) the weights
+        are softmax top-k's with ``renormalize``: ``use_kernel="cpu"`` runs them by its C++ kernel where it
+        applies (``native.routes``)."""
         logits = linear(x, self.weight)
         num_tokens, num_experts = logits.shape
         noise_std = None
@@ -59,6 +61,9 @@ class NoisyTopK(Router):
             noise_std = F.softplus(linear(x, self.noise_weight)) + self.noise_epsilon
             scores = logits + noise * noise_std
         wants_loss = self.wants_aux_loss()
+        if noise_std is None and use_kernel == "cpu" and native.routes(scores):  # no noise, no gradient: softmax top-k
+            weights, experts = native.softmax_top_k(scores, self.k, renormalize=True)
+            return Routing(logits, weights, experts, self.loss(logits, scores, None, experts, weights) if wants_loss else None)
         # The smooth load needs the (k+1)-th score too.
         selected = top_k(scores, min(self.k + 1, num_experts) if wants_loss and noise_std is not None else self.k)
         experts = selected[:, : self.k]
