@@ -41,7 +41,9 @@ PermuteOutputs permute_cpu(const at::Tensor& experts, int64_t num_experts, std::
   at::Tensor tokens_per_expert = at::empty({num_experts}, options);
   at::Tensor expert_offsets = at::empty({num_experts + 1}, options);
   at::Tensor sorted_rows = at::empty({num_tokens, k}, options);
-  at::Tensor sorted_assignments = at::full({num_sorted_rows(num_tokens, k, num_experts, block_m)}, -1, options);
+  // at::empty and a plain fill: at::full's TensorIterator fill is a cold code path at decode sizes.
+  at::Tensor sorted_assignments = at::empty({num_sorted_rows(num_tokens, k, num_experts, block_m)}, options);
+  std::fill_n(sorted_assignments.data_ptr<int32_t>(), sorted_assignments.numel(), -1);
 
   // Slot-major position i holds assignment t·k + s with s = i / T, t = i % T.
   auto expert_at = [&](int64_t i) { return expert_ids[(i % num_tokens) * stride_t + (i / num_tokens) * stride_s]; };
