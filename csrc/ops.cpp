@@ -16,7 +16,9 @@ TORCH_LIBRARY(moe_kernels, m) {
       "permute(Tensor experts, int num_experts, SymInt? capacity, int block_m) -> (Tensor tokens_per_expert, "
       "Tensor expert_offsets, Tensor sorted_rows, Tensor sorted_assignments)");
   // The softmax top-k router's CPU kernel (forward only: used where no gradient is recorded).
-  m.def("cpu_softmax_topk(Tensor logits, int k, bool renormalize) -> (Tensor weights, Tensor experts)");
+  m.def(
+      "cpu_softmax_topk(Tensor x, Tensor weight, Tensor? bias, int k, bool renormalize) -> (Tensor logits, "
+      "Tensor weights, Tensor experts)");
   // The CPU expert path; <permutation> = the four tensors of a pipeline.Permutation.
   m.def(
       "cpu_expert_up(Tensor x, Tensor up_weight, Tensor? up_bias, Tensor tokens_per_expert, Tensor expert_offsets, "

@@ -54,28 +54,32 @@ if _C is not None:
 
 
 # ------------------------------------------------------------------------------- the CPU router kernel
-# moe_kernels::cpu_softmax_topk (csrc/cpu/softmax_topk.cpp): routers/softmax_topk.py's softmax_top_k in one
-# op, forward only, for the routers' ``use_kernel`` hook on the CPU where nothing records a gradient.
+# moe_kernels::cpu_softmax_topk (csrc/cpu/softmax_topk.cpp): the softmax top-k router (routers/softmax_topk.py)
+# in one op, forward only, for the routers' ``use_kernel="cpu"`` hook where nothing records a gradient.
 
 
-def routes(logits: Tensor) -> bool:
-    """Whether the C++ router kernel takes these logits: built, CPU, float32/float64, eager, no gradient
-    recorded and no forward-mode AD (it has no derivative; torch.compile traces the PyTorch definition)."""
-    if _C is None or logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+def routes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the C++ router kernel takes x·weightᵀ + bias: built, CPU, all float32 or all float64 (else the
+    definition's casts apply), eager, no gradient recorded and no forward-mode AD (it has no derivative;
+    torch.compile traces the PyTorch definition)."""
+    if _C is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
-    if torch.compiler.is_compiling() or grad_required(logits) or torch._C._functorch.peek_interpreter_stack() is not None:
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or weight.device.type != "cpu":
         return False
-    return forward_ad._current_level < 0 or forward_ad.unpack_dual(logits).tangent is None
+    if torch.compiler.is_compiling() or grad_required(x, weight, bias) or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return forward_ad._current_level < 0 or all(t is None or forward_ad.unpack_dual(t).tangent is None for t in (x, weight, bias))
 
 
-def softmax_top_k(logits: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    """routers.softmax_topk.softmax_top_k by the C++ CPU kernel: (weights [T, k] in logits' dtype, experts
-    [T, k] int32); logits [T, E] float32/float64 CPU, no gradient."""
-    return torch.ops.moe_kernels.cpu_softmax_topk(logits, k, renormalize)
+def softmax_top_k(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The softmax top-k router by the C++ CPU kernel: (logits [T, E], weights [T, k], experts [T, k] int32)
+    of x [T, d], weight [E, d] and bias [E] or None, all float32 or all float64 CPU, no gradient."""
+    return torch.ops.moe_kernels.cpu_softmax_topk(x, weight, bias, k, renormalize)
 
 
-def _softmax_top_k_fake(logits, k, renormalize):
-    return logits.new_empty(logits.shape[0], k), logits.new_empty(logits.shape[0], k, dtype=torch.int32)
+def _softmax_top_k_fake(x, weight, bias, k, renormalize):
+    num_tokens = x.shape[0]
+    return x.new_empty(num_tokens, weight.shape[0]), x.new_empty(num_tokens, k), x.new_empty(num_tokens, k, dtype=torch.int32)
 
 
 if _C is not None:

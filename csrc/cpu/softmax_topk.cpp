@@ -1,8 +1,12 @@
-// moe_kernels::cpu_softmax_topk: the selection and weights of the softmax top-k router on the CPU, one pass
-// per token (semantics: routers/softmax_topk.py's softmax_top_k, ranking rule: routers/base.py's top_k).
+// moe_kernels::cpu_softmax_topk: the softmax top-k router on the CPU, logits, selection and weights in one op
+// (semantics: routers/softmax_topk.py, ranking rule: routers/base.py's top_k).
 //
-// The PyTorch definition is ~10 ATen calls (a sort or top-k on integer keys, gather, softmax or logsumexp,
-// casts): at T = 1 they cost more than the experts' GEMMs of a small model. Here each token keeps its k best
+// The PyTorch definition is ~12 ATen calls (the linear, a sort or top-k on integer keys, gather, softmax or
+// logsumexp, casts): at T = 1 they cost more than the experts' GEMMs of a small model, most of it in code
+// that is cold at every decode step. Up to kDirectRows tokens the logits are direct_gemm's fixed-order dot
+// products (bias added after), beyond that at::linear's, as the definition computes them; like any two GEMMs
+// the two may differ in the last bits, and the selection and weights are exact functions of the logits the
+// op returns. Then each token keeps its k best
 // (value, id) pairs by insertion while it walks its E logits in id order: a logit enters only if it ranks
 // strictly above the k-th kept one, so of equal logits the lower id stays ahead (ties to the lower id); NaN
 // ranks above every number and -0.0 equals 0.0, as in the definition. No autograd: the router calls it only
@@ -15,6 +19,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "direct_gemm.h"
 
 namespace moe_kernels {
 namespace {
@@ -46,25 +51,52 @@ scalar_t logsumexp(const scalar_t* row, int64_t count) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cpu_softmax_topk(const at::Tensor& logits, int64_t k, bool renormalize) {
-  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 &&
-                  (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble),
-              kOp, ": logits must be a [T, E] float32 or float64 CPU tensor, got ", logits.sizes(), " ",
-              logits.scalar_type(), " on ", logits.device());
-  const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_softmax_topk(const at::Tensor& x, const at::Tensor& weight,
+                                                                const std::optional<at::Tensor>& bias, int64_t k,
+                                                                bool renormalize) {
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (dtype == at::kFloat || dtype == at::kDouble), kOp,
+              ": x must be a [T, d] float32 or float64 CPU tensor, got ", x.sizes(), " ", dtype, " on ", x.device());
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.size(1) == x.size(1) &&
+                  weight.scalar_type() == dtype,
+              kOp, ": weight must be an [E, d=", x.size(1), "] ", dtype, " CPU tensor, got ", weight.sizes(), " ",
+              weight.scalar_type(), " on ", weight.device());
+  const int64_t num_tokens = x.size(0), num_experts = weight.size(0), d = x.size(1);
+  TORCH_CHECK(!bias.has_value() || (bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == num_experts &&
+                                     bias->scalar_type() == dtype),
+              kOp, ": bias must be None or an [E=", num_experts, "] ", dtype, " CPU tensor");
   TORCH_CHECK(k >= 1 && k <= num_experts, kOp, ": k must be in [1, E=", num_experts, "], got ", k);
-  const at::Tensor rows = logits.stride(1) == 1 ? logits : logits.contiguous();
-  at::Tensor weights = at::empty({num_tokens, k}, logits.options());
-  at::Tensor experts = at::empty({num_tokens, k}, logits.options().dtype(at::kInt));
+  at::Tensor logits;
+  if (num_tokens > cpu::kDirectRows) {
+    logits = at::linear(x, weight, bias);
+  } else {
+    logits = at::empty({num_tokens, num_experts}, x.options());
+    const at::Tensor tokens = x.stride(1) == 1 ? x : x.contiguous();
+    const at::Tensor rows = weight.stride(1) == 1 ? weight : weight.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "cpu_softmax_topk_logits", [&] {
+      const scalar_t* a[cpu::kDirectRows];
+      for (int64_t t = 0; t < num_tokens; ++t) a[t] = tokens.const_data_ptr<scalar_t>() + t * tokens.stride(0);
+      scalar_t* out = logits.data_ptr<scalar_t>();
+      cpu::direct_gemm(num_tokens, a, rows.const_data_ptr<scalar_t>(), rows.stride(0), num_experts, d, out, num_experts);
+      if (bias.has_value()) {
+        const at::Tensor b = bias->contiguous();
+        for (int64_t t = 0; t < num_tokens; ++t) {
+          for (int64_t e = 0; e < num_experts; ++e) out[t * num_experts + e] += b.const_data_ptr<scalar_t>()[e];
+        }
+      }
+    });
+  }
+  at::Tensor weights = at::empty({num_tokens, k}, x.options());
+  at::Tensor experts = at::empty({num_tokens, k}, x.options().dtype(at::kInt));
   int32_t* expert_data = experts.data_ptr<int32_t>();
 
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cpu_softmax_topk", [&] {
-    const scalar_t* logit_data = rows.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cpu_softmax_topk", [&] {
+    const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
     scalar_t* weight_data = weights.data_ptr<scalar_t>();
     at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> kept(k);
       for (int64_t t = begin; t < end; ++t) {
-        const scalar_t* row = logit_data + t * rows.stride(0);
+        const scalar_t* row = logit_data + t * num_experts;
         int32_t* ids = expert_data + t * k;
         int64_t filled = 0;
         for (int64_t e = 0; e < num_experts; ++e) {
@@ -90,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_softmax_topk(const at::Tensor& logits, in
       }
     });
   });
-  return {weights, experts};
+  return {logits, weights, experts};
 }
 
 }  // namespace moe_kernels

@@ -49,9 +49,13 @@ class NoisyTopK(Router):
         self.load_loss_weight = checks.number("load_loss_weight", load_loss_weight)
 
     def forward(self, x: Tensor, use_kernel: str | None = None) -> Routing:
-        """x [T, d] → Routing with S = k (fields in ``base.Routing``). Without noise (evaluation) the weights
-        are softmax top-k's with ``renormalize``: ``use_kernel="cpu"`` runs them by its C++ kernel where it
-        applies (``native.routes``)."""
+        """x [T, d] → Routing with S = k (fields in ``base.Routing``). Without noise (evaluation) this is softmax
+        top-k with ``renormalize``: ``use_kernel="cpu"`` runs it by that C++ kernel where it applies
+        (``native.routes``)."""
+        if not self.training and use_kernel == "cpu" and native.routes(x, self.weight, None):
+            logits, weights, experts = native.softmax_top_k(x, self.weight, None, self.k, True)
+            aux_loss = self.loss(logits, logits, None, experts, weights) if self.wants_aux_loss() else None
+            return Routing(logits, weights, experts, aux_loss)
         logits = linear(x, self.weight)
         num_tokens, num_experts = logits.shape
         noise_std = None
@@ -61,9 +65,6 @@ class NoisyTopK(Router):
             noise_std = F.softplus(linear(x, self.noise_weight)) + self.noise_epsilon
             scores = logits + noise * noise_std
         wants_loss = self.wants_aux_loss()
-        if noise_std is None and use_kernel == "cpu" and native.routes(scores):  # no noise, no gradient: softmax top-k
-            weights, experts = native.softmax_top_k(scores, self.k, renormalize=True)
-            return Routing(logits, weights, experts, self.loss(logits, scores, None, experts, weights) if wants_loss else None)
         # The smooth load needs the (k+1)-th score too.
         selected = top_k(scores, min(self.k + 1, num_experts) if wants_loss and noise_std is not None else self.k)
         experts = selected[:, : self.k]

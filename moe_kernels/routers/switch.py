@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import checks
-from .base import Routing, linear, router_dtype
+from .base import Routing, router_dtype
 from .softmax_topk import SoftmaxTopK
 
 
@@ -52,6 +52,5 @@ class Switch(SoftmaxTopK):
         if self.training and self.jitter_noise > 0:
             noise = torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             x = x.to(router_dtype(x)) * noise.to(router_dtype(x))
-        logits = linear(x, self.weight, self.bias)
-        weights, experts = self.select(logits, use_kernel)
+        logits, weights, experts = self.route(x, use_kernel)
         return Routing(logits, weights, experts, self.loss(logits, experts))
