@@ -160,7 +160,7 @@ def row_gemm_tiles(
       block would be mostly padding), GROUP_M = 8. The tile takes up to 2μ rows (sub_tiles MMAs of sub_m,
       while their accumulators stay within the 128×128 of the widest tile), so that an expert of about
       average size reads each weight chunk once instead of once per sub_m rows (traffic meter, Mixtral/32
-      at T = 256: 8 MMAs of 16 rows, the backward's weight reads 4.4× → 1×).
+      at T = 256: 8 MMAs of 16 rows, the backward's weight reads 4.4× → 1×); on sm_90 only.
     On sm_90, MMAs shorter than 64 rows are computed swapped (swap_ab) so that they still compile to
     wgmma (compile audit); sm_80 runs mma.sync either way.
     """
@@ -209,7 +209,10 @@ def row_gemm_tiles(
         num_stages = 3
         wide_accumulator = 128 * 128
         sub_tiles = 1
-        while sub_tiles * sub_m < 2 * rows_per_expert and 2 * sub_tiles * sub_m * block_n * halves <= wide_accumulator:
+        # Not on sm_80, where the accumulators of mma.sync sub-tiles outgrew the registers (compile audit:
+        # Qwen3's gated GEMM 1 at T = 4096 spilled 680 B with 2 sub-tiles of 64 rows).
+        while (arch >= 90 and sub_tiles * sub_m < 2 * rows_per_expert
+               and 2 * sub_tiles * sub_m * block_n * halves <= wide_accumulator):
             sub_tiles *= 2
         block_m = sub_tiles * sub_m
     swap_ab = arch >= 90 and block_m // sub_tiles < 64 and dtype != torch.float64
