@@ -7,9 +7,11 @@ Backward: expert_down_combine_backward d(hidden), d(down_weight), d(down_bias), 
           expert_up_backward           d(x), d(up_weight), d(up_bias), recomputing the pre-activation or
                                        reading the one GEMM 1 stored (``store_pre_activation``)
 
-A row-GEMM program owns one row tile × one column block. Row tiles are numbered expert by expert: expert e's
-kept rows [expert_offsets[e], expert_offsets[e] + tokens_per_expert[e]) make cdiv(count, BLOCK_M) tiles, so
-a tile never spans two experts whatever the layout's padding, and the program finds its expert from
+A row-GEMM program owns one row tile × one column block; it computes the tile as ``sub_tiles`` MMAs of
+block_m / sub_tiles rows that share each weight chunk it loads (those without a row are skipped), so an
+expert's weights are read once per block_m rows while padding MACs stay at the sub-tile's height. Row
+tiles are numbered expert by expert: expert e's kept rows [expert_offsets[e], expert_offsets[e] +
+tokens_per_expert[e]) make cdiv(count, BLOCK_M) tiles, so a tile never spans two experts whatever the layout's padding, and the program finds its expert from
 tokens_per_expert on the device (no host sync). The grid holds an upper bound of the tile count fixed by
 shapes (min(R, cdiv(R, BLOCK_M) + E)); programs past the last tile return at once. Rows of x are gathered
 by token inside the kernels and per-assignment results are scattered by assignment, so no permuted copy of
