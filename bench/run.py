@@ -212,7 +212,7 @@ def main(argv=None) -> Path:
     stem = args.out / (args.name or _default_name(device, torch.get_num_threads()))
     meta = {**environment(device, dtype), "tokens": token_counts, "threads": torch.get_num_threads(), "contenders": [c.name for c in CONTENDERS],
             "configs": [{**c.layer_arguments(), "name": c.name, "source": c.source,
-                         "triton_saved_bytes_per_token": saved_bytes_per_token(c.k, c.d_ff, dtype.itemsize)} for c in layer_configs],
+                         "triton_saved_bytes_per_token": saved_bytes_per_token(c.k, c.d_ff, dtype.itemsize, c.up_width)} for c in layer_configs],
             "method": __doc__.split("\n\n", 3)[3].strip()}
     deadline = time.monotonic() + (args.time_budget or float("inf"))
 

@@ -26,6 +26,7 @@ def experts_forward(
     down_bias: Tensor | None = None,
     capacity: int | None = None,
     backend: str = "auto",
+    recompute_pre_activation: bool = False,
 ) -> Tensor:
     """y[t] = Σ_s weights[t, s]·expert_{experts[t, s]}(x[t]), differentiable in x, weights and every parameter.
 
@@ -35,15 +36,20 @@ def experts_forward(
     [E, d_ff, d]; down_weight: [E, d, d_ff]; any dtype and strides (the experts compute in x's dtype).
     up_bias: [E, 2·d_ff] / [E, d_ff] or None; down_bias: [E, d] or None. capacity: the assignments each
     expert keeps (slot-major, then token order: pipeline's layout), None for dropless.
+    recompute_pre_activation: False (default) keeps GEMM 1's pre-activation for the backward on backend
+    "triton" (T·S·N·itemsize bytes, N = 2·d_ff gated); True saves that memory and runs GEMM 1 again in the
+    backward (T·S·N·d MACs). Backend "torch" always keeps it.
     Returns y [T, d] in x's dtype.
     """
     activation = resolve(activation)
     _check(x, weights, experts, up_weight, down_weight, activation, up_bias, down_bias, capacity)
+    recompute_pre_activation = checks.boolean("recompute_pre_activation", recompute_pre_activation)
     stages = resolve_backend(backend, x.device, x.dtype)
     router_dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 x
     permutation = stages.permute(experts.to(torch.int32), up_weight.shape[0], capacity)
     return pipeline.run_experts(
-        stages, x, permutation, weights.to(router_dtype), up_weight, up_bias, down_weight, down_bias, activation
+        stages, x, permutation, weights.to(router_dtype), up_weight, up_bias, down_weight, down_bias, activation,
+        recompute_pre_activation,
     )
 
 

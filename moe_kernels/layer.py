@@ -5,7 +5,7 @@ import warnings
 
 from torch import Tensor, nn
 
-from . import pipeline
+from . import checks, pipeline
 from .activations import resolve as resolve_activation
 from .backends import BACKENDS, resolve
 from .modules import MoEBase
@@ -18,19 +18,24 @@ class MoE(MoEBase):
     """Drop-in fast replacement of ``moe_kernels.reference.MoE``.
 
     Same constructor (arguments in ``MoEBase``, modules.py) plus ``backend``: "auto" (Triton on CUDA for the
-    dtypes it takes, "torch" elsewhere), "torch" or "triton". Same parameters, state dict, outputs and
-    ``aux_loss``.
+    dtypes it takes, "torch" elsewhere), "torch" or "triton"; and ``recompute_pre_activation`` (default
+    False): backend "triton" keeps GEMM 1's pre-activation for the backward, T·k·N·itemsize bytes per layer
+    call that needs a gradient (N = 2·d_ff gated); True keeps nothing and the backward runs GEMM 1 again
+    (T·k·N·d more MACs) to save that memory. Backend "torch" always keeps it. Same parameters, state dict,
+    outputs and ``aux_loss`` (and the same gradients either way).
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", recompute_pre_activation: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        self.recompute_pre_activation = checks.boolean("recompute_pre_activation", recompute_pre_activation)
 
     @classmethod
-    def from_reference(cls, reference: ReferenceMoE, backend: str = "auto") -> "MoE":
-        """A fast layer that shares the reference's very Parameter objects and buffers (no copy)."""
+    def from_reference(cls, reference: ReferenceMoE, backend: str = "auto", recompute_pre_activation: bool = False) -> "MoE":
+        """A fast layer that shares the reference's very Parameter objects and buffers (no copy); ``backend``
+        and ``recompute_pre_activation`` as the constructor's."""
         if not isinstance(reference, MoEBase):
             raise TypeError(
                 f"MoE.from_reference takes a moe_kernels layer (moe_kernels.reference.MoE), got "
@@ -38,7 +43,8 @@ class MoE(MoEBase):
                 f"blocks, or register moe_kernels as its experts implementation "
                 f"(moe_kernels.integrations.transformers.register())"
             )
-        fast = cls(**reference.constructor_arguments(), backend=backend, device="meta")
+        fast = cls(**reference.constructor_arguments(), backend=backend, recompute_pre_activation=recompute_pre_activation,
+                   device="meta")
         for name, child in reference.named_children():
             setattr(fast, name, child)
         fast.train(reference.training)
@@ -61,6 +67,7 @@ class MoE(MoEBase):
         return pipeline.run_experts(
             backend, tokens, permutation, routing.weights, self.experts.up_weight, self.experts.up_bias,
             self.experts.down_weight, self.experts.down_bias, resolve_activation(self.activation),
+            self.recompute_pre_activation,
         )  # fmt: skip
 
 

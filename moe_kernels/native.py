@@ -124,7 +124,11 @@ def _call(op, *arguments, recorded: bool):
 
 def expert_up(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation,
               activation: Activation) -> Tensor:
-    """Backend.expert_up by the C++ CPU op: hidden [R, d_ff] in x's dtype, differentiable in x, up_weight, up_bias."""
+    """Backend.expert_up by the C++ CPU op: hidden [R, d_ff] in x's dtype, differentiable in x, up_weight, up_bias.
+
+    It keeps the pre-activation whenever a gradient will be asked for, so it takes no
+    recompute_pre_activation: on a CPU recomputing GEMM 1 would add a third to the backward's GEMM work
+    (compute-bound there) to save k·N·itemsize bytes per token, and its backward op reads the kept one."""
     keep = grad_required(x, up_weight, up_bias)
     hidden, _ = _call(torch.ops.moe_kernels.cpu_expert_up, x, up_weight, up_bias, *permutation,
                       *_activation_fields(activation), keep, recorded=keep)

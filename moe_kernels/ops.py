@@ -24,10 +24,14 @@ backward; the C++ ops of csrc/ are ``moe_kernels::<stage>``. Schemas take tensor
 Saved for backward, per token (k assignments, R ≈ T·k rows plus padding):
 - triton_softmax_topk keeps the router logits, alive anyway, and the int32 expert ids (4·k bytes); its
   backward recomputes the softmax.
-- expert_up keeps x, up_weight, up_bias and the permutation, all alive anyway. By default its backward
-  recomputes the pre-activation (GEMM 1 again) inside the kernel that applies the activation's backward,
-  so it saves no activation of its own; with store_pre_activation=True GEMM 1 also writes the
-  pre-activation, k·N·itemsize bytes per token (N = 2·d_ff gated), and the backward reads it instead.
+- expert_up keeps x, up_weight, up_bias and the permutation, all alive anyway. By default, when a
+  gradient will be asked for, GEMM 1 also writes the pre-activation, k·N·itemsize bytes per token
+  (N = 2·d_ff gated), and the backward reads it. With recompute_pre_activation=True nothing of its own is
+  kept and the backward recomputes the pre-activation (GEMM 1 again, T·k·N·d MACs) inside the kernel that
+  applies the activation's backward. Storing is the default: recomputing spends 2·d FLOPs per
+  pre-activation element to save its write and read (2·itemsize bytes), d/itemsize FLOP per byte
+  (≈ 2000 at Mixtral's d = 4096 in 16 bits), far above an H100's ridge (≈ 300 FLOP/B); recompute only
+  to save memory.
 - expert_down_combine keeps hidden (its input, k·d_ff·itemsize bytes per token, plus padding rows), the
   float32 gate weights (4·k bytes) and the permutation (int32: 4·k for sorted_rows and 4·k for
   sorted_assignments; tokens_per_expert and expert_offsets are per expert). The per-assignment expert
@@ -46,11 +50,13 @@ from .kernels.permute import permute as permute_launcher
 from .pipeline import Permutation
 
 
-def saved_bytes_per_token(k: int, d_ff: int, element_size: int) -> int:
+def saved_bytes_per_token(k: int, d_ff: int, element_size: int, up_width: int, recompute_pre_activation: bool = False) -> int:
     """Bytes per token that backend "triton" keeps for backward beyond the tensors alive anyway (x, the
-    router logits, the parameters): hidden, the gate weights, the expert ids and the two per-assignment
-    permutation vectors; padding rows (at most E·(block_m − 1) per call) not counted."""
-    return k * (d_ff * element_size + 4 + 4 + 4 + 4)
+    router logits, the parameters): hidden, the pre-activation (up_width = N columns) unless recomputed,
+    the gate weights, the expert ids and the two per-assignment permutation vectors; padding rows (at
+    most E·(block_m − 1) per call) not counted."""
+    pre_activation = 0 if recompute_pre_activation else up_width * element_size
+    return k * (d_ff * element_size + pre_activation + 4 + 4 + 4 + 4)
 
 
 # ---------------------------------------------------------------------------------------------- gating
@@ -240,12 +246,14 @@ def permute(experts: Tensor, num_experts: int, capacity: int | None, block_m: in
 
 def expert_up(
     x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: str | Activation,
-    store_pre_activation: bool = False,
+    recompute_pre_activation: bool = False,
 ) -> Tensor:
     """hidden [R, d_ff] = act(x[token(r)] · up_weight[e(r)]ᵀ + up_bias[e(r)]); differentiable in x, up_weight
-    and up_bias. store_pre_activation: keep the [R, N] pre-activation for backward instead of recomputing
-    GEMM 1 there (module docstring)."""
-    return expert_up_op(x, up_weight, up_bias, *permutation, resolve(activation).spec, store_pre_activation)[0]
+    and up_bias. When a gradient will be asked for, GEMM 1 keeps the [R, N] pre-activation for backward,
+    unless recompute_pre_activation, which makes the backward recompute it (module docstring: the trade-off).
+    An inference call (no gradient) never writes it."""
+    store = not recompute_pre_activation and native.grad_required(x, up_weight, up_bias)
+    return expert_up_op(x, up_weight, up_bias, *permutation, resolve(activation).spec, store)[0]
 
 
 def expert_down_combine(

@@ -206,7 +206,9 @@ def _experts_across_group(
     local_experts = layer.experts.down_proj.shape[0]
     permutation = backend.permute(plan.local_experts[:, None], local_experts, None)
     activation = resolve_activation(layer.activation)
-    hidden = backend.expert_up(received, layer.experts.up_weight, layer.experts.up_bias, permutation, activation)
+    hidden = backend.expert_up(
+        received, layer.experts.up_weight, layer.experts.up_bias, permutation, activation, layer.recompute_pre_activation
+    )
     ones = torch.ones(received.shape[0], 1, dtype=weights.dtype, device=weights.device)
     expert_rows = backend.expert_down_combine(hidden, layer.experts.down_weight, layer.experts.down_bias, permutation, ones)
     returned = _AllToAll.apply(expert_rows, plan.receive_sizes, plan.send_sizes, group)

@@ -89,13 +89,16 @@ class Backend(Protocol):
         """experts: [T, S] int32 in [0, num_experts) → the Permutation (capacity None: dropless; 0: drop all)."""
 
     def expert_up(
-        self, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation
+        self, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation,
+        recompute_pre_activation: bool = False,
     ) -> Tensor:
         """act(x[token of row] · up_weight[e]ᵀ + up_bias[e]) for every sorted row: [R, d_ff] in x's dtype.
 
         up_weight: [E, 2·d_ff, d] (gated activations, gate/up rows as ``activation.interleaved`` says) or
         [E, d_ff, d], any dtype and strides (computed in x's dtype); up_bias: [E, 2·d_ff] or [E, d_ff], or
-        None. Padding rows hold unspecified values.
+        None. Padding rows hold unspecified values. recompute_pre_activation: the backward recomputes the
+        pre-activation [R, N] instead of keeping it from the forward (less memory, GEMM 1 done twice); a
+        backend that always keeps it says so in its docstring.
         """
 
     def expert_down_combine(
@@ -185,7 +188,9 @@ def run_experts(
     down_weight: Tensor,
     down_bias: Tensor | None,
     activation: Activation,
+    recompute_pre_activation: bool = False,
 ) -> Tensor:
-    """y [T, d] in x's dtype: GEMM 1 with the activation, GEMM 2 and the weighted combine of the backend."""
-    hidden = backend.expert_up(x, up_weight, up_bias, permutation, activation)
+    """y [T, d] in x's dtype: GEMM 1 with the activation, GEMM 2 and the weighted combine of the backend.
+    recompute_pre_activation: as ``Backend.expert_up``'s."""
+    hidden = backend.expert_up(x, up_weight, up_bias, permutation, activation, recompute_pre_activation)
     return backend.expert_down_combine(hidden, down_weight, down_bias, permutation, weights)

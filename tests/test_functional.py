@@ -77,6 +77,31 @@ def test_experts_forward_matches_loop(activation, biases, dtype, backend):
         assert_close(a, b, e, dtype, 3, f"grad of {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_recomputed_pre_activation_matches_loop(dtype):
+    """recompute_pre_activation=True (the backward runs GEMM 1 again) on backend "triton", biases included."""
+    skip_unless_runnable("triton")
+    torch.manual_seed(21)
+    tensors = problem("gpt_oss_swiglu", biases=True)
+    dy = torch.randn(tensors["x"].shape, dtype=torch.float64)
+
+    def fast(**arguments):
+        return moe_kernels.experts_forward(**arguments, backend="triton", recompute_pre_activation=True)
+
+    exact = run(loop, tensors, torch.float64, "cpu", "gpt_oss_swiglu", dy)
+    baseline = run(loop, tensors, dtype, "cpu", "gpt_oss_swiglu", dy)
+    actual = run(fast, tensors, dtype, device_for("triton"), "gpt_oss_swiglu", dy)
+    assert_close(actual[0], baseline[0], exact[0], dtype, 2, "y")
+    for name, a, b, e in zip([n for n, t in tensors.items() if t.is_floating_point()], actual[1], baseline[1], exact[1]):
+        assert_close(a, b, e, dtype, 3, f"grad of {name}")
+
+
+def test_recompute_pre_activation_must_be_a_bool():
+    tensors = {name: (t.float() if t.is_floating_point() else t) for name, t in problem("swiglu").items()}
+    with pytest.raises(TypeError, match="recompute_pre_activation must be a bool, got 'yes'"):
+        moe_kernels.experts_forward(**tensors, recompute_pre_activation="yes")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -227,13 +227,16 @@ def test_combine_skips_dropped_slots_and_sums_in_slot_order():
 
 # Tile choices the policy makes on other GPUs or at other shapes than these small problems, forced through
 # tiles.overridden: the sm_80 layout (no A/B swap), prefill tiles (several row tiles per expert, GROUP_M
-# order), split-K (GEMM 2 and the d(x) GEMM reduce their partials in the combine), minimal tiles.
+# order), split-K (GEMM 2 and the d(x) GEMM reduce their partials in the combine), minimal tiles, and
+# sub-tiles (one weight chunk applied to several MMAs of 16 rows, those without a row skipped).
 VARIANTS = {
     "policy": {},
     "no-swap": dict(swap_ab=False),
-    "prefill": dict(block_m=16, block_n=16, block_k=16, group_m=4, swap_ab=False),
+    "prefill": dict(block_m=16, block_n=16, block_k=16, group_m=4, swap_ab=False, sub_tiles=1),
     "split-k": dict(block_k=16, split_k=2),
-    "tiny-swapped": dict(block_m=16, block_n=16, block_k=16, group_m=2, swap_ab=True),
+    "tiny-swapped": dict(block_m=16, block_n=16, block_k=16, group_m=2, swap_ab=True, sub_tiles=1),
+    "sub-tiles": dict(block_m=64, block_n=16, block_k=16, group_m=2, swap_ab=False, sub_tiles=4),
+    "sub-tiles-swapped": dict(block_m=32, block_n=16, block_k=16, group_m=1, swap_ab=True, sub_tiles=2),
 }
 
 

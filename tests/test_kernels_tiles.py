@@ -45,10 +45,14 @@ def _gemms(name, num_tokens, dtype, arch):
 def test_row_tiles_contract(dtype, arch):
     for name in LAYERS:
         for num_tokens in (0, 1, 16, 64, 512, 4096, 16384):
-            for config in _gemms(name, num_tokens, dtype, arch)[:2]:
-                assert all(_is_power_of_2(v) for v in (config.block_m, config.block_n, config.block_k, config.split_k))
-                assert 16 <= config.block_m <= 128 and config.block_n >= 16 and config.block_k >= 16
-                assert config.swap_ab == (arch >= 90 and config.block_m < 64)
+            up, down, _ = _gemms(name, num_tokens, dtype, arch)
+            for config, halves in ((up, 2 if LAYERS[name][4] else 1), (down, 1)):
+                sizes = (config.block_m, config.block_n, config.block_k, config.split_k, config.sub_tiles)
+                assert all(_is_power_of_2(v) for v in sizes)
+                assert 16 <= config.sub_m <= 128 and config.block_n >= 16 and config.block_k >= 16
+                assert config.swap_ab == (arch >= 90 and config.sub_m < 64)
+                # the sub-tiles' accumulators together stay within the widest tile's 128×128
+                assert config.sub_tiles == 1 or config.block_m * config.block_n * halves <= 128 * 128
                 assert config.num_warps in (4, 8) and config.group_m >= 1
 
 
@@ -66,8 +70,9 @@ def test_decode_gives_every_sm_work():
 
 
 def test_prefill_padding_is_bounded():
-    """With ≥ 64 rows per expert the last partial tile of each expert pads at most block_m − 1 rows, and
-    block_m ≤ rows per expert / 4 keeps that waste within 25% even for the worst expert of average size."""
+    """With ≥ 64 rows per expert the last MMA of each expert pads at most sub_m − 1 rows (sub-tiles without
+    a row are skipped), and sub_m ≤ rows per expert / 4 keeps that waste within 25% even for the worst
+    expert of average size."""
     for name in LAYERS:
         d, d_ff, num_experts, k, _ = LAYERS[name]
         for num_tokens in (4096, 16384, 65536):
@@ -75,7 +80,7 @@ def test_prefill_padding_is_bounded():
             if rows_per_expert < 64:
                 continue
             for config in _gemms(name, num_tokens, torch.bfloat16, 90)[:2]:
-                assert config.block_m <= rows_per_expert / 4 or config.block_m == 16, (name, num_tokens, config)
+                assert config.sub_m <= rows_per_expert / 4 or config.sub_m == 16, (name, num_tokens, config)
 
 
 def test_override_hook_applies_and_is_checked():
@@ -87,6 +92,17 @@ def test_override_hook_applies_and_is_checked():
     with tiles.overridden(lambda kind, shape, config: dataclasses.replace(config, split_k=2)):
         with pytest.raises(ValueError, match="split_k=2"):
             tiles.row_gemm_tiles(64, 64, 1, 4, 32, 32, torch.float16, 90)
+    with tiles.overridden(lambda kind, shape, config: dataclasses.replace(config, block_m=32, sub_tiles=4)):
+        with pytest.raises(ValueError, match="sub_tiles=4 must split block_m=32"):
+            tiles.row_gemm_tiles(64, 64, 1, 4, 32, 32, torch.float16, 90)
+
+
+def test_prefill_tile_reads_an_average_expert_weights_once():
+    """At 64 rows per expert (the gate's Mixtral/32, T = 256) a tile takes 128 rows as 8 MMAs of 16, so an
+    expert of up to twice the average size reads each weight chunk once (traffic meter: 4.4× → 1×)."""
+    up = tiles.row_gemm_tiles(512, 256, 2, 8, 448, 128, torch.float16, 90, halves=2)
+    down = tiles.row_gemm_tiles(512, 256, 2, 8, 128, 448, torch.float16, 90, may_split_k=True)
+    assert (up.block_m, up.sub_tiles, down.block_m, down.sub_tiles) == (128, 8, 128, 8)
 
 
 @pytest.mark.parametrize(

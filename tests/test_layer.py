@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import moe_kernels
-from helpers import BACKENDS, assert_layer_matches, device_for, layer_triplet, randomize_, skewed_input, skip_unless_runnable
+from helpers import (
+    BACKENDS, assert_layer_matches, device_for, layer_triplet, randomize_, run, skewed_input, skip_unless_runnable,
+)
 from moe_kernels import reference
 
 # (d_model, d_ff, num_experts, k, router, activation, capacity_factor, renormalize, tokens, skew)
@@ -111,6 +113,33 @@ def test_float32_parameters_with_half_input(backend):
     y = fast(x.half())
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.float(), base(x), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name,options", [("swiglu", {}), ("gpt-oss", dict(activation="gpt_oss_swiglu", expert_bias=True))])
+def test_stored_and_recomputed_pre_activation_give_the_reference_gradients(name, options, dtype):
+    """recompute_pre_activation False (the default: GEMM 1 keeps the pre-activation) and True (the backward
+    runs GEMM 1 again) both meet the float64 reference; in float32 the kept pre-activation holds the very
+    accumulators the recompute produces, so the two agree bitwise."""
+    skip_unless_runnable("triton")
+    torch.manual_seed(zlib.crc32(name.encode()))
+    device = device_for("triton")
+    reference64, reference_low, _ = layer_triplet(dtype, d_model=16, d_ff=24, num_experts=4, k=2, **options)
+    x = torch.randn(37, 16)
+    gradients = []
+    for recompute in (False, True):
+        fast = moe_kernels.MoE.from_reference(copy.deepcopy(reference_low), backend="triton", recompute_pre_activation=recompute)
+        assert fast.recompute_pre_activation is recompute
+        assert_layer_matches(reference64.to(device), reference_low.to(device), fast.to(device), x, dtype)
+        gradients.append(run(fast, x, torch.ones(37, 16, dtype=torch.float64), seed=0)[2])
+    if dtype == torch.float32:
+        assert all(torch.equal(stored, recomputed) for stored, recomputed in zip(*gradients))
+
+
+def test_recompute_pre_activation_survives_copies():
+    layer = moe_kernels.MoE(8, 6, 4, recompute_pre_activation=True)
+    assert copy.deepcopy(layer).recompute_pre_activation is True
+    assert moe_kernels.MoE(8, 6, 4).recompute_pre_activation is False
 
 
 def test_leading_dimensions_are_kept():

@@ -50,6 +50,13 @@ def test_numpy_integers_are_sizes():
     assert layer(torch.randn(3, 8)).shape == (3, 8)
 
 
+def test_recompute_pre_activation_must_be_a_bool():
+    with pytest.raises(TypeError, match="recompute_pre_activation must be a bool, got 'no'"):
+        moe_kernels.MoE(8, 6, 4, recompute_pre_activation="no")
+    with pytest.raises(TypeError, match="recompute_pre_activation must be a bool, got 1"):
+        moe_kernels.MoE.from_reference(reference.MoE(8, 6, 4), recompute_pre_activation=1)
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         moe_kernels.MoE(8, 6, 4, backend="numpy")

@@ -149,8 +149,11 @@ def _permute_native_on_cpu(experts: Tensor, num_experts: int, capacity: int | No
 
 
 def _expert_up_native_on_cpu(x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation,
-                             activation: Activation) -> Tensor:
-    """expert_up(), by the C++ CPU expert path where it applies (native.runs_experts)."""
+                             activation: Activation, recompute_pre_activation: bool = False) -> Tensor:
+    """expert_up(), by the C++ CPU expert path where it applies (native.runs_experts).
+
+    Both paths keep the pre-activation for backward whatever recompute_pre_activation says: autograd saves
+    the activation's input, and the C++ op keeps it (``native.expert_up`` says why)."""
     if native.runs_experts(x, up_weight, up_bias):
         return native.expert_up(x, up_weight, up_bias, permutation, activation)
     return expert_up(x, up_weight, up_bias, permutation, activation)

@@ -25,9 +25,10 @@ class TritonBackend:
         return ops.permute(experts, num_experts, capacity, self.block_m(num_tokens, slots, num_experts))
 
     def expert_up(
-        self, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation
+        self, x: Tensor, up_weight: Tensor, up_bias: Tensor | None, permutation: Permutation, activation: Activation,
+        recompute_pre_activation: bool = False,
     ) -> Tensor:
-        return ops.expert_up(x, up_weight, up_bias, permutation, activation)
+        return ops.expert_up(x, up_weight, up_bias, permutation, activation, recompute_pre_activation)
 
     def expert_down_combine(
         self, hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, permutation: Permutation, weights: Tensor

@@ -7,9 +7,11 @@ Backward: expert_down_combine_backward d(hidden), d(down_weight), d(down_bias), 
           expert_up_backward           d(x), d(up_weight), d(up_bias), recomputing the pre-activation or
                                        reading the one GEMM 1 stored (``store_pre_activation``)
 
-A row-GEMM program owns one row tile × one column block. Row tiles are numbered expert by expert: expert e's
-kept rows [expert_offsets[e], expert_offsets[e] + tokens_per_expert[e]) make cdiv(count, BLOCK_M) tiles, so
-a tile never spans two experts whatever the layout's padding, and the program finds its expert from
+A row-GEMM program owns one row tile × one column block; it computes the tile as ``sub_tiles`` MMAs of
+block_m / sub_tiles rows that share each weight chunk it loads (those without a row are skipped), so an
+expert's weights are read once per block_m rows while padding MACs stay at the sub-tile's height. Row
+tiles are numbered expert by expert: expert e's kept rows [expert_offsets[e], expert_offsets[e] +
+tokens_per_expert[e]) make cdiv(count, BLOCK_M) tiles, so a tile never spans two experts whatever the layout's padding, and the program finds its expert from
 tokens_per_expert on the device (no host sync). The grid holds an upper bound of the tile count fixed by
 shapes (min(R, cdiv(R, BLOCK_M) + E)); programs past the last tile return at once. Rows of x are gathered
 by token inside the kernels and per-assignment results are scattered by assignment, so no permuted copy of
@@ -45,8 +47,9 @@ def _grouped_program(num_row_tiles, num_col_blocks, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(expert, rows, row mask) of row tile ``tile``: expert e owns tiles [Σ_{e'<e} cdiv(n_e', BLOCK_M), …).
-    expert == num_experts (and an empty mask) past the last tile. expert and rows are int64."""
+    """(expert, first row, end of the expert's rows) of row tile ``tile``: expert e owns tiles
+    [Σ_{e'<e} cdiv(n_e', BLOCK_M), …) and the tile holds its rows [first, min(first + BLOCK_M, end)).
+    expert == num_experts (and first == end) past the last tile. All int64."""
     experts = tl.arange(0, BLOCK_E)
     counts = tl.load(tokens_per_expert_ptr + experts, mask=experts < num_experts, other=0)
     tile_counts = (counts + BLOCK_M - 1) // BLOCK_M
@@ -56,16 +59,34 @@ def _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, B
     first_tile = tl.sum(tl.where(here, ends - tile_counts, 0), axis=0)
     count = tl.sum(tl.where(here, counts, 0), axis=0)
     start = tl.load(expert_offsets_ptr + expert, mask=expert < num_experts, other=0).to(tl.int64)
-    rows = start + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return expert.to(tl.int64), rows, rows < start + count
+    first = start + (tile - first_tile).to(tl.int64) * BLOCK_M
+    return expert.to(tl.int64), first, start + count.to(tl.int64)
+
+
+@triton.jit
+def _sub_tile_rows(first, end, sub: tl.constexpr, SUB_M: tl.constexpr):
+    """(rows [SUB_M] int64, row mask, whether any row is valid) of sub-tile ``sub`` of the tile at ``first``.
+
+    Sub-tile 0 always has a row (a tile exists only for rows): a constant True, so that with one sub-tile
+    nothing is branched and the compiler pipelines the loads as it did before sub-tiles (compile audit)."""
+    begin = first + sub * SUB_M
+    rows = begin + tl.arange(0, SUB_M)
+    if sub == 0:
+        has_rows = True
+    else:
+        has_rows = begin < end
+    return rows, rows < end, has_rows
 
 
 @triton.jit
 def _tile_matmul(
     a_ptr,
-    a_row_offsets,  # (BLOCK_M,) int64 element offsets of the A rows
-    row_mask,
+    sorted_assignments_ptr,  # (R,) int32, read when GATHER
+    k,
+    stride_am,  # GATHER: the token stride of A (row r is A[sorted_assignments[r] // k]); else the row stride
     stride_ak,
+    first,  # the tile's first sorted row and the end of its expert's rows (``_expert_tile``)
+    end,
     w_ptr,  # one expert's matrix, read as W[kk, n] = w_ptr[kk·stride_wk + n·stride_wn]
     stride_wk,
     stride_wn,
@@ -74,51 +95,88 @@ def _tile_matmul(
     col_mask,
     k_begin,
     k_end,
+    GATHER: tl.constexpr,
     TWO_HALVES: tl.constexpr,
     SWAP_AB: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    SUB_M: tl.constexpr,
+    SUB_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] = A[rows, k_begin:k_end] · W[k_begin:k_end, cols] (and with W moved by second_offset
-    when TWO_HALVES, else zeros), in ACC_DTYPE. W is cast to A's dtype as it is loaded.
+    """Per sub-tile s < SUB_TILES (rows first + s·SUB_M + [0, SUB_M)): [SUB_M, BLOCK_N] =
+    A[rows, k_begin:k_end] · W[k_begin:k_end, cols] (and with W moved by second_offset when TWO_HALVES, else
+    zeros), in ACC_DTYPE; returned as two tuples of SUB_TILES accumulators. W is cast to A's dtype as it is
+    loaded.
 
-    SWAP_AB computes the transposed product Wᵀ·Aᵀ ([BLOCK_N, BLOCK_M], so the MMA's M is BLOCK_N) and
-    transposes it once at the end. Both halves share each A tile, so a gated layer reads its rows once.
+    Each weight chunk is loaded once and applied to every sub-tile (tiles.GemmTiles.sub_tiles); a sub-tile
+    without a row skips its MMAs (a uniform branch), so padding MACs stay at SUB_M rows. SWAP_AB computes
+    each product transposed, Wᵀ·Aᵀ ([BLOCK_N, SUB_M], so the MMA's M is BLOCK_N), and transposes it once at
+    the end. Both halves share each A tile, so a gated layer reads its rows once.
     """
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
-        acc_second = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        acc_second = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    row_offsets = ()
+    row_masks = ()
+    accs = ()
+    seconds = ()
+    has_rows = ()
+    for sub in tl.static_range(SUB_TILES):
+        rows, row_mask, valid = _sub_tile_rows(first, end, sub, SUB_M)
+        has_rows = has_rows + (valid,)
+        if GATHER:
+            assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+            row_offsets = row_offsets + ((assignments // k) * stride_am,)
+        else:
+            row_offsets = row_offsets + (rows * stride_am,)
+        row_masks = row_masks + (row_mask,)
+        if SWAP_AB:
+            accs = accs + (tl.zeros((BLOCK_N, SUB_M), dtype=ACC_DTYPE),)
+            seconds = seconds + (tl.zeros((BLOCK_N, SUB_M), dtype=ACC_DTYPE),)
+        else:
+            accs = accs + (tl.zeros((SUB_M, BLOCK_N), dtype=ACC_DTYPE),)
+            seconds = seconds + (tl.zeros((SUB_M, BLOCK_N), dtype=ACC_DTYPE),)
     for k_start in range(k_begin, k_end, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_mask = ks < k_end
         if SWAP_AB:
-            a = tl.load(a_ptr + a_row_offsets[None, :] + ks[:, None] * stride_ak, mask=row_mask[None, :] & k_mask[:, None], other=0.0)
             w_offsets = cols[:, None] * stride_wn + ks[None, :] * stride_wk
             w_mask = col_mask[:, None] & k_mask[None, :]
-            w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(a.dtype)
-            acc = tl.dot(w, a, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if TWO_HALVES:
-                w_second = tl.load(w_ptr + second_offset + w_offsets, mask=w_mask, other=0.0).to(a.dtype)
-                acc_second = tl.dot(w_second, a, acc_second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         else:
-            a = tl.load(a_ptr + a_row_offsets[:, None] + ks[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w_offsets = ks[:, None] * stride_wk + cols[None, :] * stride_wn
             w_mask = k_mask[:, None] & col_mask[None, :]
-            w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(a.dtype)
-            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if TWO_HALVES:
-                w_second = tl.load(w_ptr + second_offset + w_offsets, mask=w_mask, other=0.0).to(a.dtype)
-                acc_second = tl.dot(a, w_second, acc_second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(a_ptr.dtype.element_ty)
+        w_second = w
+        if TWO_HALVES:
+            w_second = tl.load(w_ptr + second_offset + w_offsets, mask=w_mask, other=0.0).to(a_ptr.dtype.element_ty)
+        updated = ()
+        updated_seconds = ()
+        for sub in tl.static_range(SUB_TILES):
+            acc = accs[sub]
+            acc_second = seconds[sub]
+            if has_rows[sub]:
+                if SWAP_AB:
+                    a = tl.load(a_ptr + row_offsets[sub][None, :] + ks[:, None] * stride_ak, mask=row_masks[sub][None, :] & k_mask[:, None], other=0.0)
+                    acc = tl.dot(w, a, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    if TWO_HALVES:
+                        acc_second = tl.dot(w_second, a, acc_second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                else:
+                    a = tl.load(a_ptr + row_offsets[sub][:, None] + ks[None, :] * stride_ak, mask=row_masks[sub][:, None] & k_mask[None, :], other=0.0)
+                    acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    if TWO_HALVES:
+                        acc_second = tl.dot(a, w_second, acc_second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            updated = updated + (acc,)
+            updated_seconds = updated_seconds + (acc_second,)
+        accs = updated
+        seconds = updated_seconds
     if SWAP_AB:
-        acc = tl.trans(acc)
-        acc_second = tl.trans(acc_second)
-    return acc, acc_second
+        transposed = ()
+        transposed_seconds = ()
+        for sub in tl.static_range(SUB_TILES):
+            transposed = transposed + (tl.trans(accs[sub]),)
+            transposed_seconds = transposed_seconds + (tl.trans(seconds[sub]),)
+        accs = transposed
+        seconds = transposed_seconds
+    return accs, seconds
 
 
 @triton.jit
@@ -185,69 +243,76 @@ def _expert_up_kernel(
     BLOCK_E: tl.constexpr,
     SWAP_AB: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SUB_TILES: tl.constexpr,  # MMAs of BLOCK_M / SUB_TILES rows per tile (tiles.GemmTiles.sub_tiles)
 ):
     tile, col_block = _grouped_program(num_row_tiles, tl.cdiv(d_ff, BLOCK_N), GROUP_M)
-    expert, rows, row_mask = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
+    expert, first, end = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
+    SUB_M: tl.constexpr = BLOCK_M // SUB_TILES
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < d_ff
-    mask = row_mask[:, None] & col_mask[None, :]
     # Where column j of the gate and of the up half live, in up_weight's rows and in the pre-activation.
     col_step = 2 if INTERLEAVED else 1
     up_shift = 1 if INTERLEAVED else d_ff
     gate_cols = cols * col_step
-    if BACKWARD and SAVED_PRE:
-        pre = pre_ptr + rows[:, None] * stride_pm + gate_cols[None, :] * stride_pn
-        gate = tl.load(pre, mask=mask, other=0.0).to(ACC_DTYPE)
-        up = gate
-        if GATED:
-            up = tl.load(pre + up_shift * stride_pn, mask=mask, other=0.0).to(ACC_DTYPE)
-    else:
-        assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        gate, up = _tile_matmul(
-            x_ptr, (assignments // k) * stride_xt, row_mask, stride_xd,
+    if not (BACKWARD and SAVED_PRE):
+        gates, ups = _tile_matmul(
+            x_ptr, sorted_assignments_ptr, k, stride_xt, stride_xd, first, end,
             up_weight_ptr + expert * stride_we, stride_wd, col_step * stride_wn, up_shift * stride_wn,
             cols, col_mask, 0, d,
-            GATED, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            True, GATED, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, BLOCK_K,
         )
-        if HAS_BIAS:
-            bias = up_bias_ptr + expert * stride_be + gate_cols * stride_bn
-            gate += tl.load(bias, mask=col_mask, other=0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
-            if GATED:
-                up += tl.load(bias + up_shift * stride_bn, mask=col_mask, other=0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
-        if SAVED_PRE:
-            pre = pre_ptr + rows[:, None] * stride_pm + gate_cols[None, :] * stride_pn
-            tl.store(pre, gate.to(pre_ptr.dtype.element_ty), mask=mask)
-            if GATED:
-                tl.store(pre + up_shift * stride_pn, up.to(pre_ptr.dtype.element_ty), mask=mask)
-    gate_in = gate
-    if HAS_LIMIT:
-        gate_in = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
-        up_in = tl.minimum(tl.maximum(up, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT, propagate_nan=tl.PropagateNan.ALL)
-    else:
-        up_in = up
-    value, slope = _activation_and_slope(gate_in, FUNCTION, ALPHA)
-    up_term = up_in + UP_OFFSET
-    if BACKWARD:
-        grad = tl.load(grad_hidden_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
-        grad = grad.to(ACC_DTYPE)
-        out = out_ptr + rows[:, None] * stride_om + gate_cols[None, :] * stride_on
-        if GATED:
-            grad_gate = grad * up_term * slope
-            grad_up = grad * value
-            if HAS_LIMIT:  # the clamps pass the gradient where they are the identity (torch.clamp's rule)
-                grad_gate = tl.where(gate <= LIMIT, grad_gate, 0.0)
-                grad_up = tl.where((up >= -LIMIT) & (up <= LIMIT), grad_up, 0.0)
-            tl.store(out, grad_gate.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(out + up_shift * stride_on, grad_up.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out, (grad * slope).to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        if GATED:
-            value = value * up_term
-        out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-        tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+    for sub in tl.static_range(SUB_TILES):
+        rows, row_mask, has_rows = _sub_tile_rows(first, end, sub, SUB_M)
+        if has_rows:
+            mask = row_mask[:, None] & col_mask[None, :]
+            if BACKWARD and SAVED_PRE:
+                pre = pre_ptr + rows[:, None] * stride_pm + gate_cols[None, :] * stride_pn
+                gate = tl.load(pre, mask=mask, other=0.0).to(ACC_DTYPE)
+                up = gate
+                if GATED:
+                    up = tl.load(pre + up_shift * stride_pn, mask=mask, other=0.0).to(ACC_DTYPE)
+            else:
+                gate = gates[sub]
+                up = ups[sub]
+                if HAS_BIAS:
+                    bias = up_bias_ptr + expert * stride_be + gate_cols * stride_bn
+                    gate += tl.load(bias, mask=col_mask, other=0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
+                    if GATED:
+                        up += tl.load(bias + up_shift * stride_bn, mask=col_mask, other=0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
+                if SAVED_PRE:
+                    pre = pre_ptr + rows[:, None] * stride_pm + gate_cols[None, :] * stride_pn
+                    tl.store(pre, gate.to(pre_ptr.dtype.element_ty), mask=mask)
+                    if GATED:
+                        tl.store(pre + up_shift * stride_pn, up.to(pre_ptr.dtype.element_ty), mask=mask)
+            gate_in = gate
+            if HAS_LIMIT:
+                gate_in = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
+                up_in = tl.minimum(tl.maximum(up, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT, propagate_nan=tl.PropagateNan.ALL)
+            else:
+                up_in = up
+            value, slope = _activation_and_slope(gate_in, FUNCTION, ALPHA)
+            up_term = up_in + UP_OFFSET
+            if BACKWARD:
+                grad = tl.load(grad_hidden_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
+                grad = grad.to(ACC_DTYPE)
+                out = out_ptr + rows[:, None] * stride_om + gate_cols[None, :] * stride_on
+                if GATED:
+                    grad_gate = grad * up_term * slope
+                    grad_up = grad * value
+                    if HAS_LIMIT:  # the clamps pass the gradient where they are the identity (torch.clamp's rule)
+                        grad_gate = tl.where(gate <= LIMIT, grad_gate, 0.0)
+                        grad_up = tl.where((up >= -LIMIT) & (up <= LIMIT), grad_up, 0.0)
+                    tl.store(out, grad_gate.to(out_ptr.dtype.element_ty), mask=mask)
+                    tl.store(out + up_shift * stride_on, grad_up.to(out_ptr.dtype.element_ty), mask=mask)
+                else:
+                    tl.store(out, (grad * slope).to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                if GATED:
+                    value = value * up_term
+                out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+                tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -291,6 +356,7 @@ def _rows_times_weights_kernel(
     SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SUB_TILES: tl.constexpr,  # MMAs of BLOCK_M / SUB_TILES rows per tile (tiles.GemmTiles.sub_tiles)
 ):
     # DIRECT adds cdiv(T, BLOCK_M) tiles after the row tiles: they write the zero rows of dropped tokens.
     num_zero_tiles = tl.cdiv(num_tokens, BLOCK_M) if DIRECT else 0
@@ -303,33 +369,38 @@ def _rows_times_weights_kernel(
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
         tl.store(out_ptr + tokens[:, None] * stride_oa + cols[None, :] * stride_on, zeros, mask=dropped[:, None] & col_mask[None, :])
         return
-    expert, rows, row_mask = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
+    expert, first, end = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
+    SUB_M: tl.constexpr = BLOCK_M // SUB_TILES
     split = tl.program_id(1)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    acc, _ = _tile_matmul(
-        a_ptr, rows * stride_am, row_mask, stride_ak,
+    accs, _ = _tile_matmul(
+        a_ptr, sorted_assignments_ptr, k, stride_am, stride_ak, first, end,
         weight_ptr + expert * stride_we, stride_wk, stride_wn, 0,
         cols, col_mask, k_begin, k_end,
-        False, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        False, False, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, BLOCK_K,
     )
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_mask & (tl.broadcast_to(split, (BLOCK_N,)) == 0), other=0.0)
-        acc += bias.to(a_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
-    assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    mask = row_mask[:, None] & col_mask[None, :]
-    if DIRECT:
-        value = acc.to(out_ptr.dtype.element_ty)
-        if HAS_WEIGHTS:  # as backend "torch": the expert output rounded to y's dtype, then weighted in float32
-            gate = tl.load(weights_ptr + assignments * stride_gt, mask=row_mask, other=0.0).to(ACC_DTYPE)
-            value = value.to(ACC_DTYPE) * gate[:, None]
-        tl.store(out_ptr + assignments[:, None] * stride_oa + cols[None, :] * stride_on, value.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        out = out_ptr + split * stride_os + assignments[:, None] * stride_oa + cols[None, :] * stride_on
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    for sub in tl.static_range(SUB_TILES):
+        rows, row_mask, has_rows = _sub_tile_rows(first, end, sub, SUB_M)
+        if has_rows:
+            acc = accs[sub]
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_mask & (tl.broadcast_to(split, (BLOCK_N,)) == 0), other=0.0)
+                acc += bias.to(a_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
+            assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+            mask = row_mask[:, None] & col_mask[None, :]
+            if DIRECT:
+                value = acc.to(out_ptr.dtype.element_ty)
+                if HAS_WEIGHTS:  # as backend "torch": the expert output rounded to y's dtype, then weighted in float32
+                    gate = tl.load(weights_ptr + assignments * stride_gt, mask=row_mask, other=0.0).to(ACC_DTYPE)
+                    value = value.to(ACC_DTYPE) * gate[:, None]
+                tl.store(out_ptr + assignments[:, None] * stride_oa + cols[None, :] * stride_on, value.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                out = out_ptr + split * stride_os + assignments[:, None] * stride_oa + cols[None, :] * stride_on
+                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -372,42 +443,48 @@ def _expert_down_bwd_kernel(
     BLOCK_E: tl.constexpr,
     SWAP_AB: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SUB_TILES: tl.constexpr,  # MMAs of BLOCK_M / SUB_TILES rows per tile (tiles.GemmTiles.sub_tiles)
 ):
     tile, col_block = _grouped_program(num_row_tiles, tl.maximum(tl.cdiv(d_ff, BLOCK_N), 1), GROUP_M)
-    expert, rows, row_mask = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
+    expert, first, end = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
+    SUB_M: tl.constexpr = BLOCK_M // SUB_TILES
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < d_ff
-    assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    tokens = assignments // k
-    slots = assignments % k
     # dy·W[e] before the gate weight: the same product gives d(weights) as <hidden, dy·W[e]> below,
     # which is <expert_output, dy> without recomputing the expert output.
-    grad_output, _ = _tile_matmul(
-        grad_y_ptr, tokens * stride_yt, row_mask, stride_yd,
+    grad_outputs, _ = _tile_matmul(
+        grad_y_ptr, sorted_assignments_ptr, k, stride_yt, stride_yd, first, end,
         down_weight_ptr + expert * stride_we, stride_wd, stride_wf, 0,
         cols, col_mask, 0, d,
-        False, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        True, False, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, BLOCK_K,
     )
-    mask = row_mask[:, None] & col_mask[None, :]
-    gate = tl.load(weights_ptr + tokens * stride_gt + slots * stride_gs, mask=row_mask, other=0.0).to(ACC_DTYPE)
-    hidden = tl.load(hidden_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hf, mask=mask, other=0.0)
-    tl.store(
-        grad_hidden_ptr + rows[:, None] * stride_om + cols[None, :] * stride_of,
-        (gate[:, None] * grad_output).to(grad_hidden_ptr.dtype.element_ty),
-        mask=mask,
-    )
-    partial = tl.sum(hidden.to(ACC_DTYPE) * grad_output, axis=1)
-    if HAS_BIAS:
-        if col_block == 0:  # <bias[e], dy[t]>, the bias's share of <expert_output, dy>, once per row
-            for d_start in range(0, d, BLOCK_K):
-                ds = d_start + tl.arange(0, BLOCK_K)
-                d_mask = ds < d
-                dy = tl.load(grad_y_ptr + tokens[:, None] * stride_yt + ds[None, :] * stride_yd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                bias = tl.load(down_bias_ptr + expert * stride_be + ds * stride_bd, mask=d_mask, other=0.0)
-                partial += tl.sum(dy.to(ACC_DTYPE) * bias.to(grad_y_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :], axis=1)
-    tl.store(grad_weights_partial_ptr + col_block * num_assignments + assignments, partial, mask=row_mask)
+    for sub in tl.static_range(SUB_TILES):
+        rows, row_mask, has_rows = _sub_tile_rows(first, end, sub, SUB_M)
+        if has_rows:
+            grad_output = grad_outputs[sub]
+            assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+            tokens = assignments // k
+            slots = assignments % k
+            mask = row_mask[:, None] & col_mask[None, :]
+            gate = tl.load(weights_ptr + tokens * stride_gt + slots * stride_gs, mask=row_mask, other=0.0).to(ACC_DTYPE)
+            hidden = tl.load(hidden_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hf, mask=mask, other=0.0)
+            tl.store(
+                grad_hidden_ptr + rows[:, None] * stride_om + cols[None, :] * stride_of,
+                (gate[:, None] * grad_output).to(grad_hidden_ptr.dtype.element_ty),
+                mask=mask,
+            )
+            partial = tl.sum(hidden.to(ACC_DTYPE) * grad_output, axis=1)
+            if HAS_BIAS:
+                if col_block == 0:  # <bias[e], dy[t]>, the bias's share of <expert_output, dy>, once per row
+                    for d_start in range(0, d, BLOCK_K):
+                        ds = d_start + tl.arange(0, BLOCK_K)
+                        d_mask = ds < d
+                        dy = tl.load(grad_y_ptr + tokens[:, None] * stride_yt + ds[None, :] * stride_yd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                        bias = tl.load(down_bias_ptr + expert * stride_be + ds * stride_bd, mask=d_mask, other=0.0)
+                        partial += tl.sum(dy.to(ACC_DTYPE) * bias.to(grad_y_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :], axis=1)
+            tl.store(grad_weights_partial_ptr + col_block * num_assignments + assignments, partial, mask=row_mask)
 
 
 @triton.jit
@@ -554,7 +631,7 @@ def _up_launch(
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(x.dtype)], INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), SWAP_AB=config.swap_ab, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SUB_TILES=config.sub_tiles, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -600,7 +677,7 @@ def _rows_times_weights(
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(rows.dtype)], INPUT_PRECISION=input_precision(rows.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), SPLIT_K=config.split_k, SWAP_AB=config.swap_ab,
-        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+        GROUP_M=config.group_m, SUB_TILES=config.sub_tiles, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if direct:
         return out
@@ -734,7 +811,7 @@ def expert_down_combine_backward(
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(hidden.dtype)], INPUT_PRECISION=input_precision(hidden.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), SWAP_AB=config.swap_ab, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SUB_TILES=config.sub_tiles, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     # d(down_weight)[e]ᵀ = Σ_r hidden[r]ᵀ·(w·dy[t]), written through the transposed view; d(down_bias)[e] = Σ_r w·dy[t].
     _expert_weight_grad(hidden, grad_y, weights, permutation, grad_down_weight.transpose(1, 2), grad_down_bias, 2)

@@ -43,11 +43,15 @@ OVERHEAD_SHARE = 10
 class GemmTiles:
     """Tiles and launch parameters of one grouped GEMM launch.
 
-    block_m: sorted rows per tile (one expert per tile); block_n: output columns per program (per half of
-    a gated GEMM 1); block_k: the reduction step; split_k: programs sharing one tile's reduction (their
-    float32 partials summed in a fixed order afterwards); swap_ab: the tile is computed transposed
-    (weightsᵀ · rowsᵀ) so that the MMA's M dimension is block_n, which lets Hopper's wgmma (M ≥ 64) run
-    short row tiles; group_m: row tiles visited together per column band (L2 reuse of the weights).
+    block_m: sorted rows per tile (one expert per tile; each weight chunk is loaded once per tile);
+    block_n: output columns per program (per half of a gated GEMM 1); block_k: the reduction step;
+    split_k: programs sharing one tile's reduction (their float32 partials summed in a fixed order
+    afterwards); swap_ab: each MMA is computed transposed (weightsᵀ · rowsᵀ) so that its M dimension is
+    block_n, which lets Hopper's wgmma (M ≥ 64) run short row tiles; group_m: row tiles visited together
+    per column band (L2 reuse of the weights); sub_tiles: a row GEMM's tile is that many MMAs of
+    block_m / sub_tiles rows, each with its own accumulator, applied to the same weight chunk, and one
+    without a row is skipped, so the weights are read once per block_m rows while the MACs are padded to
+    block_m / sub_tiles rows only (the weight-gradient GEMMs: 1).
     """
 
     block_m: int
@@ -58,6 +62,12 @@ class GemmTiles:
     group_m: int
     num_warps: int
     num_stages: int
+    sub_tiles: int = 1
+
+    @property
+    def sub_m(self) -> int:
+        """Rows of one MMA: block_m / sub_tiles."""
+        return self.block_m // self.sub_tiles
 
 
 # The tuning hook: a function (kind, shape, tiles) -> tiles, or None. Set only through ``overridden``.
@@ -84,6 +94,8 @@ def _decided(kind: str, shape: dict, tiles: GemmTiles) -> GemmTiles:
         tiles = _override(kind, shape, tiles)
         if tiles.split_k != 1 and not (kind == "row" and shape["may_split_k"]):
             raise ValueError(f"split_k={tiles.split_k} for a {kind} GEMM that cannot reduce split partials: {shape}")
+        if tiles.block_m % tiles.sub_tiles or tiles.sub_m < 16 or (kind != "row" and tiles.sub_tiles != 1):
+            raise ValueError(f"sub_tiles={tiles.sub_tiles} must split block_m={tiles.block_m} of a row GEMM into MMAs of at least 16 rows")
     return tiles
 
 
@@ -142,11 +154,14 @@ def row_gemm_tiles(
       then block_n halves (down to 16) and split-K doubles where the launcher can reduce partials, while
       that holds, until the expected useful programs (experts with rows × column blocks × splits) reach
       NUM_SMS. block_k 128 for 16-bit inputs (64 on sm_80): long contiguous weight rows.
-    - Prefill (μ ≥ 32): block_m = μ/4 rounded down to a power of two in [16, 128], which keeps the
-      padding of a partial last tile near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
+    - Prefill (μ ≥ 32): MMAs of sub_m = μ/4 rows rounded down to a power of two in [16, 128], which keeps
+      the padding of a partial last MMA near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
       μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated; narrower where the last column
-      block would be mostly padding), GROUP_M = 8.
-    On sm_90, tiles shorter than 64 rows are computed swapped (swap_ab) so that they still compile to
+      block would be mostly padding), GROUP_M = 8. The tile takes up to 2μ rows (sub_tiles MMAs of sub_m,
+      while their accumulators stay within the 128×128 of the widest tile), so that an expert of about
+      average size reads each weight chunk once instead of once per sub_m rows (traffic meter, Mixtral/32
+      at T = 256: 8 MMAs of 16 rows, the backward's weight reads 4.4× → 1×); on sm_90 only.
+    On sm_90, MMAs shorter than 64 rows are computed swapped (swap_ab) so that they still compile to
     wgmma (compile audit); sm_80 runs mma.sync either way.
     """
     shape = dict(num_rows=num_rows, num_tokens=num_tokens, k=k, num_experts=num_experts, n_out=n_out, n_in=n_in,
@@ -184,17 +199,26 @@ def row_gemm_tiles(
         num_stages = 4 if arch >= 90 else 3
         # 8 warps from 8K accumulators: the widened tiles (32 × 256 at Mixtral's T = 64) spilled on sm_80 with 4.
         wide_accumulator = 8192
+        sub_tiles = 1
     else:
-        block_m = min(128, max(16, _prev_power_of_2(rows_per_expert / 4)))
+        sub_m = min(128, max(16, _prev_power_of_2(rows_per_expert / 4)))
         block_k = min(64 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
         block_n = _column_block(n_out, 128 // halves)
         split_k = 1
         group_m = 8
         num_stages = 3
         wide_accumulator = 128 * 128
-    swap_ab = arch >= 90 and block_m < 64 and dtype != torch.float64
+        sub_tiles = 1
+        # Not on sm_80, where the accumulators of mma.sync sub-tiles outgrew the registers (compile audit:
+        # Qwen3's gated GEMM 1 at T = 4096 spilled 680 B with 2 sub-tiles of 64 rows).
+        while (arch >= 90 and sub_tiles * sub_m < 2 * rows_per_expert
+               and 2 * sub_tiles * sub_m * block_n * halves <= wide_accumulator):
+            sub_tiles *= 2
+        block_m = sub_tiles * sub_m
+    swap_ab = arch >= 90 and block_m // sub_tiles < 64 and dtype != torch.float64
     num_warps = 8 if block_m * block_n * halves >= wide_accumulator else 4
-    return _decided("row", shape, GemmTiles(block_m, block_n, block_k, split_k, swap_ab, group_m, num_warps, num_stages))
+    tiles = GemmTiles(block_m, block_n, block_k, split_k, swap_ab, group_m, num_warps, num_stages, sub_tiles)
+    return _decided("row", shape, tiles)
 
 
 def weight_grad_tiles(
