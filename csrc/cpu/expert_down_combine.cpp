@@ -139,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
   at::Tensor grad_hidden = cpu::empty_on_huge_pages({layout.num_rows, d_ff}, hidden.options());
   cpu::zero_padding_rows(layout, grad_hidden);
   at::Tensor grad_weights = at::zeros(weights.sizes(), weights.options());
-  at::Tensor grad_down_weight = cpu::empty_on_huge_pages(down_weight.sizes(), down_weight.options());
-  at::Tensor grad_down_bias = down_bias.has_value() ? at::empty(down_bias->sizes(), down_bias->options())
+  at::Tensor grad_down_weight = cpu::expert_gradient(layout, down_weight.sizes(), down_weight.options());
+  at::Tensor grad_down_bias = down_bias.has_value() ? cpu::expert_gradient(layout, down_bias->sizes(), down_bias->options())
                                                     : at::empty({0}, hidden.options());
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
@@ -227,11 +227,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
       }
     });
   });
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (layout.tokens_per_expert[e] > 0) continue;
-    cpu::zero_expert(grad_down_weight, e);
-    if (down_bias.has_value()) cpu::zero_expert(grad_down_bias, e);
-  }
   return {grad_hidden, grad_down_weight, grad_down_bias, grad_weights};
 }
 

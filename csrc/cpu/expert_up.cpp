@@ -178,8 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
   at::Tensor grad_pre = cpu::empty_on_huge_pages({layout.num_rows, n_up}, x.options());
   at::Tensor grad_x_sum = at::zeros({layout.num_tokens, d}, x.options().dtype(opmath_dtype));
   at::Tensor row_dx = cpu::empty_on_huge_pages({layout.num_rows, d}, x.options().dtype(opmath_dtype));
-  at::Tensor grad_up_weight = cpu::empty_on_huge_pages(up_weight.sizes(), up_weight.options());
-  at::Tensor grad_up_bias = up_bias.has_value() ? at::empty(up_bias->sizes(), up_bias->options()) : at::empty({0}, x.options());
+  at::Tensor grad_up_weight = cpu::expert_gradient(layout, up_weight.sizes(), up_weight.options());
+  at::Tensor grad_up_bias = up_bias.has_value() ? cpu::expert_gradient(layout, up_bias->sizes(), up_bias->options())
+                                                : at::empty({0}, x.options());
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
   const std::vector<cpu::RowTile> weight_items = cpu::expert_slices(layout, n_up);
@@ -271,11 +272,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
       }
     });
   });
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (layout.tokens_per_expert[e] > 0) continue;
-    cpu::zero_expert(grad_up_weight, e);
-    if (up_bias.has_value()) cpu::zero_expert(grad_up_bias, e);
-  }
   at::Tensor grad_x = grad_x_sum.scalar_type() == dtype ? grad_x_sum : grad_x_sum.to(dtype);
   return {grad_x, grad_up_weight, grad_up_bias};
 }

@@ -162,12 +162,6 @@ inline void zero_padding_rows(const Layout& layout, at::Tensor& rows) {
   }
 }
 
-// Zero-fills expert e's block of a contiguous [E, ...] gradient: for the experts that received no rows.
-inline void zero_expert(at::Tensor& gradient, int64_t expert) {
-  const int64_t block_bytes = gradient.stride(0) * gradient.element_size();
-  std::memset(static_cast<char*>(gradient.data_ptr()) + expert * block_bytes, 0, block_bytes);
-}
-
 // A [rows, cols] view of raw memory with element strides, for at::mm_out without dispatcher views.
 inline at::Tensor matrix(const void* data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
                          at::ScalarType dtype) {
