@@ -15,6 +15,10 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def(
       "permute(Tensor experts, int num_experts, SymInt? capacity, int block_m) -> (Tensor tokens_per_expert, "
       "Tensor expert_offsets, Tensor sorted_rows, Tensor sorted_assignments)");
+  // The softmax top-k router's CPU kernel (forward only: used where no gradient is recorded).
+  m.def(
+      "cpu_softmax_topk(Tensor x, Tensor weight, Tensor? bias, int k, bool renormalize) -> (Tensor logits, "
+      "Tensor weights, Tensor experts)");
   // The CPU expert path; <permutation> = the four tensors of a pipeline.Permutation.
   m.def(
       "cpu_expert_up(Tensor x, Tensor up_weight, Tensor? up_bias, Tensor tokens_per_expert, Tensor expert_offsets, "
@@ -36,6 +40,7 @@ TORCH_LIBRARY(moe_kernels, m) {
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("permute", &moe_kernels::permute_cpu);
+  m.impl("cpu_softmax_topk", &moe_kernels::cpu_softmax_topk);
   m.impl("cpu_expert_up", &moe_kernels::cpu_expert_up);
   m.impl("cpu_expert_up_backward", &moe_kernels::cpu_expert_up_backward);
   m.impl("cpu_expert_down_combine", &moe_kernels::cpu_expert_down_combine);

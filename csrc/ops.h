@@ -42,6 +42,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
     const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets,
     const at::Tensor& sorted_rows, const at::Tensor& sorted_assignments, const at::Tensor& weights);
 
+// The softmax top-k router (csrc/cpu/softmax_topk.cpp; semantics: routers/softmax_topk.py) on x [T, d] with
+// weight [E, d] and bias [E] of x's dtype: (logits [T, E], weights [T, k] in x's dtype, experts [T, k] int32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_softmax_topk(const at::Tensor& x, const at::Tensor& weight,
+                                                                const std::optional<at::Tensor>& bias, int64_t k,
+                                                                bool renormalize);
+
 // The capacity as an int, -1 for dropless (None), after checking every permute argument; 0 drops everything.
 inline int64_t check_permute_args(const at::Tensor& experts, int64_t num_experts, std::optional<int64_t> capacity,
                                   int64_t block_m) {

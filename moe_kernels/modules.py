@@ -237,7 +237,7 @@ class MoEBase(nn.Module):
         else:
             expert_tokens = tokens
         backend = self._backend(expert_tokens)
-        routing = self._take_aux_loss(self.gate(tokens, use_kernel=backend is not None and backend.fused_routing))
+        routing = self._take_aux_loss(self.gate(tokens, use_kernel=None if backend is None else backend.fused_routing))
         with without_autocast(device_type):
             y = self._experts_output(expert_tokens, routing, sequence_length, backend)
             y = self._add_shared_expert(expert_tokens, y)
@@ -251,9 +251,10 @@ class MoEBase(nn.Module):
         raise NotImplementedError
 
     def _add_shared_expert(self, tokens: Tensor, y: Tensor) -> Tensor:
-        if hasattr(self, "shared_experts"):
+        # Looked up in _modules: hasattr of a missing submodule raises (and formats) an AttributeError inside.
+        if self._modules.get("shared_experts") is not None:
             return y + self.shared_experts(tokens)
-        if hasattr(self, "shared_expert"):
+        if self._modules.get("shared_expert") is not None:
             gate = torch.sigmoid(F.linear(tokens, self.shared_expert_gate.weight.to(tokens.dtype)))
             return y + gate * self.shared_expert(tokens)
         return y
@@ -278,6 +279,19 @@ class MoEBase(nn.Module):
             raise TypeError(f"x must have one of the dtypes {checks.FLOAT_DTYPES}, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape [..., d_model={self.d_model}], got {tuple(x.shape)}")
-        for name, parameter in self.named_parameters():
-            if parameter.device != x.device:
-                raise ValueError(f"x is on {x.device} but parameter {name} is on {parameter.device}")
+        if not _on_device(self, x.device):  # named_parameters, only to name the culprit: the walk costs ~40 µs cold
+            for name, parameter in self.named_parameters():
+                if parameter.device != x.device:
+                    raise ValueError(f"x is on {x.device} but parameter {name} is on {parameter.device}")
+
+
+def _on_device(module: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter of ``module`` and of its submodules is on ``device``."""
+    pending = [module]
+    while pending:
+        current = pending.pop()
+        for parameter in current._parameters.values():
+            if parameter is not None and parameter.device != device:
+                return False
+        pending.extend(child for child in current._modules.values() if child is not None)
+    return True

@@ -53,6 +53,39 @@ if _C is not None:
     torch.library.register_fake("moe_kernels::permute", permute_fake)
 
 
+# ------------------------------------------------------------------------------- the CPU router kernel
+# moe_kernels::cpu_softmax_topk (csrc/cpu/softmax_topk.cpp): the softmax top-k router (routers/softmax_topk.py)
+# in one op, forward only, for the routers' ``use_kernel="cpu"`` hook where nothing records a gradient.
+
+
+def routes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the C++ router kernel takes x·weightᵀ + bias: built, CPU, all float32 or all float64 (else the
+    definition's casts apply), eager, no gradient recorded and no forward-mode AD (it has no derivative;
+    torch.compile traces the PyTorch definition)."""
+    if _C is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or weight.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling() or grad_required(x, weight, bias) or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return forward_ad._current_level < 0 or all(t is None or forward_ad.unpack_dual(t).tangent is None for t in (x, weight, bias))
+
+
+def softmax_top_k(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The softmax top-k router by the C++ CPU kernel: (logits [T, E], weights [T, k], experts [T, k] int32)
+    of x [T, d], weight [E, d] and bias [E] or None, all float32 or all float64 CPU, no gradient."""
+    return torch.ops.moe_kernels.cpu_softmax_topk(x, weight, bias, k, renormalize)
+
+
+def _softmax_top_k_fake(x, weight, bias, k, renormalize):
+    num_tokens = x.shape[0]
+    return x.new_empty(num_tokens, weight.shape[0]), x.new_empty(num_tokens, k), x.new_empty(num_tokens, k, dtype=torch.int32)
+
+
+if _C is not None:
+    torch.library.register_fake("moe_kernels::cpu_softmax_topk", _softmax_top_k_fake)
+
+
 # ------------------------------------------------------------------------------- the CPU expert path
 # moe_kernels::cpu_expert_up / cpu_expert_down_combine (csrc/cpu): the backend-"torch" stages on the CPU.
 # Autograd lives here, over the C++ backward ops; the forward of expert_up keeps the pre-activation

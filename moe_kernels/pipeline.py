@@ -78,8 +78,9 @@ def expert_capacity(capacity_factor: float | tuple[int, int] | None, num_tokens:
 class Backend(Protocol):
     """The members every backend has. x is [T, d]; E experts; S slots per token; R sorted rows."""
 
-    fused_routing: bool
-    """Whether routers use their fused Triton kernel, where they have one, on this backend."""
+    fused_routing: str | None
+    """The fused router kernels this backend asks routers for (their ``use_kernel``): "triton", "cpu" (the C++
+    ones of moe_kernels._C, where no gradient is recorded) or None (the PyTorch definitions)."""
 
     def block_m(self, num_tokens: int, slots: int, num_experts: int) -> int:
         """The segment alignment this backend's GEMMs want (1: none), for producers of a Permutation."""

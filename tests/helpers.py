@@ -117,3 +117,25 @@ def padded_permutation(permutation: Permutation, block_m: int) -> Permutation:
         sorted_rows=new_rows.view(num_tokens, k).to(torch.int32),
         sorted_assignments=sorted_assignments,
     )
+
+
+def router_logits(num_tokens, num_experts, data, seed):
+    """[T, E] float32: "normal", "skewed" (expert 0 takes every token, the last none) or "ties" (integers)."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    if data == "skewed" and num_experts > 1:
+        logits[:, 0] += 30.0
+        logits[:, -1] -= 30.0
+    if data == "ties":
+        logits = torch.randint(-2, 3, (num_tokens, num_experts), generator=generator).float()
+    return logits
+
+
+def assert_close_to_float64(kernel, reference32, reference64, factor, rows=slice(None)):
+    """max|kernel - ref64| ≤ factor·max|torch32 - ref64| + 1e-6·(1 + max|ref64|), over the chosen rows."""
+    kernel, reference32, reference64 = kernel[rows].double(), reference32[rows].double(), reference64[rows]
+    if reference64.numel() == 0:
+        return
+    error = (kernel - reference64).abs().max().item()
+    bound = factor * (reference32 - reference64).abs().max().item() + 1e-6 * (1 + reference64.abs().max().item())
+    assert error <= bound, f"error against float64 {error:.3g} over the bound {bound:.3g}"

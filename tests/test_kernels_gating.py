@@ -12,6 +12,8 @@ import zlib
 import pytest
 import torch
 
+from helpers import assert_close_to_float64, router_logits
+
 pytest.importorskip("triton", reason="the gating kernels need Triton")
 
 from moe_kernels.kernels.gating import softmax_top_k_backward, softmax_top_k_forward  # noqa: E402
@@ -21,18 +23,6 @@ from moe_kernels.routers.softmax_topk import softmax_top_k  # noqa: E402
 SHAPES = [(0, 4, 2), (1, 1, 1), (1, 2, 2), (37, 7, 1), (37, 7, 3), (37, 7, 7), (300, 64, 8), (65, 256, 8)]
 # Skewed and tied logits mean something only over many tokens.
 SHAPE_DATA = [(*shape, data) for shape in SHAPES for data in ("normal", "skewed", "ties") if data == "normal" or shape[0] >= 37]
-
-
-def _logits(num_tokens, num_experts, data, seed):
-    """[T, E] float32: "normal", "skewed" (expert 0 takes every token, the last none) or "ties" (integers)."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(num_tokens, num_experts, generator=generator)
-    if data == "skewed" and num_experts > 1:
-        logits[:, 0] += 30.0
-        logits[:, -1] -= 30.0
-    if data == "ties":
-        logits = torch.randint(-2, 3, (num_tokens, num_experts), generator=generator).float()
-    return logits
 
 
 def _seed(*case):
@@ -48,21 +38,11 @@ def _reference(logits, k, renormalize, grad_weights, dtype):
     return weights.detach(), experts, grad_logits
 
 
-def _assert_close_to_float64(kernel, reference32, reference64, factor, rows=slice(None)):
-    """max|kernel - ref64| ≤ factor·max|torch32 - ref64| + 1e-6·(1 + max|ref64|), over the chosen rows."""
-    kernel, reference32, reference64 = kernel[rows].double(), reference32[rows].double(), reference64[rows]
-    if reference64.numel() == 0:
-        return
-    error = (kernel - reference64).abs().max().item()
-    bound = factor * (reference32 - reference64).abs().max().item() + 1e-6 * (1 + reference64.abs().max().item())
-    assert error <= bound, f"error against float64 {error:.3g} over the bound {bound:.3g}"
-
-
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("num_tokens,num_experts,k,data", SHAPE_DATA)
 def test_matches_the_definition(num_tokens, num_experts, k, data, renormalize, poisoned_allocations):
     seed = _seed(num_tokens, num_experts, k, data, renormalize)
-    logits = _logits(num_tokens, num_experts, data, seed)
+    logits = router_logits(num_tokens, num_experts, data, seed)
     grad_weights = torch.randn(num_tokens, k, generator=torch.Generator().manual_seed(seed + 1))
 
     weights, experts = softmax_top_k_forward(logits, k, renormalize)
@@ -80,14 +60,14 @@ def test_matches_the_definition(num_tokens, num_experts, k, data, renormalize, p
     if num_tokens > 1 and data == "normal":
         expected64 = _reference(logits, k, renormalize, grad_weights, torch.float64)
         assert torch.equal(expected64[1], experts)  # float32 logits rank the same in float64: exact selection
-        _assert_close_to_float64(weights, expected[0], expected64[0], 2)
-        _assert_close_to_float64(grad_logits, expected[2], expected64[2], 3)
+        assert_close_to_float64(weights, expected[0], expected64[0], 2)
+        assert_close_to_float64(grad_logits, expected[2], expected64[2], 3)
 
 
 @pytest.mark.parametrize("k", range(1, 9))
 def test_every_k_up_to_eight(k):
     """k = 1 … 8 over E = 8 (k = E last)."""
-    logits = _logits(45, 8, "normal", _seed("every k", k))
+    logits = router_logits(45, 8, "normal", _seed("every k", k))
     grad_weights = torch.randn(45, k)
     for renormalize in (True, False):
         weights, experts = softmax_top_k_forward(logits, k, renormalize)
@@ -101,7 +81,7 @@ def test_every_k_up_to_eight(k):
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_non_finite_logits_rank_as_the_definition(renormalize):
     """A NaN ranks above every number (the definition's rule), stays in its token's weights only; ids in [0, E)."""
-    logits = _logits(40, 7, "normal", seed=3)
+    logits = router_logits(40, 7, "normal", seed=3)
     logits[5] = math.nan
     logits[8, 4] = math.nan
     logits[11, 2] = math.inf
@@ -115,7 +95,7 @@ def test_non_finite_logits_rank_as_the_definition(renormalize):
     assert weights[[5, 8]].isnan().all()
 
 
-def test_strided_logits():
+def test_stridedrouter_logits():
     """Logits that are a column slice of a wider tensor (strides ≠ contiguous)."""
     wide = torch.randn(60, 14, generator=torch.Generator().manual_seed(5))
     logits = wide[:, ::2]

@@ -1,5 +1,6 @@
-"""The native ops of moe_kernels._C against their PyTorch definitions (backends/pytorch.py): the permutation,
-compared exactly. Build the extension first: python setup.py build_ext --inplace.
+"""The native ops of moe_kernels._C against their PyTorch definitions: the permutation (backends/pytorch.py),
+compared exactly; the softmax top-k router kernel (routers/softmax_topk.py): ids exactly, weights as the Triton
+kernel's (tests/test_kernels_gating.py). Build the extension first: python setup.py build_ext --inplace.
 """
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import math
 import pytest
 import torch
 
-from helpers import padded_permutation
+from helpers import assert_close_to_float64, padded_permutation, router_logits
+from moe_kernels import routers
 from moe_kernels import native
 from moe_kernels.backends import pytorch as torch_backend
 from moe_kernels.layer import MoE
 from moe_kernels.pipeline import Permutation, num_sorted_rows
 from moe_kernels.reference import MoE as ReferenceMoE
 from moe_kernels.routers import top_k
+from moe_kernels.routers.softmax_topk import softmax_top_k
 
 requires_native = pytest.mark.skipif(
     not native.has_cpu_ops(), reason="moe_kernels._C is not built: run python setup.py build_ext --inplace"
@@ -98,6 +101,143 @@ def test_permute_rejects_out_of_range_ids():
 def test_opcheck_permute(capacity, block_m):
     experts = routed_experts(33, 8, 2, "normal")
     torch.library.opcheck(torch.ops.moe_kernels.permute.default, (experts, 8, capacity, block_m))
+
+
+# (T, E, k, data): T = 0 and 1, odd sizes, k = 1 and k = E, E up to 256, both sides of kDirectRows = 16 tokens
+# (direct dot products below, at::linear above); skewed and tied logits over many tokens.
+ROUTER_CASES = [(0, 4, 2, "normal"), (1, 1, 1, "normal"), (1, 128, 8, "normal"), (16, 64, 8, "normal"),
+                (37, 7, 3, "normal"), (37, 7, 7, "ties"), (37, 7, 1, "skewed"), (300, 64, 8, "normal"),
+                (300, 64, 8, "ties"), (65, 256, 8, "skewed"), (9, 256, 4, "ties")]
+
+
+def _router_inputs(num_tokens, num_experts, data, seed, dtype=torch.float32):
+    """(x, weight) whose logits x·weightᵀ are ``router_logits``' for ties and skew (x = those logits, weight =
+    the identity: exact in any summation order), random otherwise (d = 24)."""
+    generator = torch.Generator().manual_seed(seed)
+    if data == "normal":
+        x = torch.randn(num_tokens, 24, generator=generator, dtype=dtype)
+        return x, torch.randn(num_experts, 24, generator=generator, dtype=dtype) / 5
+    return router_logits(num_tokens, num_experts, data, seed).to(dtype), torch.eye(num_experts, dtype=dtype)
+
+
+def _check_router_kernel(x, weight, bias, k, renormalize):
+    """The kernel's logits against F.linear's, and its ids (exactly) and weights against the definition's on the
+    logits it returns; returns (logits, weights, experts)."""
+    logits, weights, experts = native.softmax_top_k(x, weight, bias, k, renormalize)
+    expected_weights, expected_experts = softmax_top_k(logits, k, renormalize)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(x, weight, bias), equal_nan=True)
+    assert experts.dtype == torch.int32 and weights.dtype == x.dtype and logits.dtype == x.dtype
+    assert torch.equal(experts, expected_experts)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return logits, weights, experts
+
+
+@requires_native
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("num_tokens,num_experts,k,data", ROUTER_CASES)
+def test_router_kernel_matches_the_definition(num_tokens, num_experts, k, data, renormalize, poisoned_allocations):
+    seed = num_tokens * 1000 + num_experts + k
+    x, weight = _router_inputs(num_tokens, num_experts, data, seed)
+    bias = torch.randn(num_experts, generator=torch.Generator().manual_seed(seed)) if data == "normal" else None
+    logits, weights, experts = _check_router_kernel(x, weight, bias, k, renormalize)
+    if data != "normal":
+        assert torch.equal(logits, router_logits(num_tokens, num_experts, data, seed))
+    if data == "skewed" and k < num_experts:
+        assert (experts == 0).any(1).all() and not (experts == num_experts - 1).any()
+    if data == "normal" and num_tokens > 1:  # the accuracy bar: float64 selects the same, weights 2× torch32's error
+        weights64, experts64 = softmax_top_k(logits.double(), k, renormalize)
+        assert torch.equal(experts64, experts)
+        assert_close_to_float64(weights, softmax_top_k(logits, k, renormalize)[0], weights64, 2)
+        x64, weight64, bias64 = x.double(), weight.double(), bias.double()
+        _check_router_kernel(x64, weight64, bias64, k, renormalize)
+
+
+@requires_native
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_kernel_ranks_non_finite_and_zero_logits_as_the_definition(renormalize):
+    """NaN above every number, then +inf, -inf below every number, ties (zeros, NaNs) to the lower id; strided x
+    and weight."""
+    logits = router_logits(40, 7, "normal", seed=3)
+    logits[5] = math.nan
+    logits[13] = 0.0
+    wide = torch.zeros(40, 14)
+    wide[:, ::2] = logits
+    x, weight = wide[:, ::2], torch.eye(14)[::2, ::2].t().contiguous().t()  # both strided views
+    _, weights, experts = _check_router_kernel(x, weight, None, 3, renormalize)
+    assert experts[13].tolist() == [0, 1, 2] and experts[5].tolist() == [0, 1, 2] and weights[5].isnan().all()
+    bias = torch.tensor([0, 0, math.inf, 0, math.nan, 0, -math.inf])
+    _, _, experts = _check_router_kernel(x, weight, bias, 3, renormalize)
+    finite_rows = torch.arange(40) != 5
+    assert (experts[finite_rows, :2] == torch.tensor([4, 2], dtype=torch.int32)).all() and not (experts == 6).any()
+
+
+@requires_native
+def test_router_kernel_is_deterministic_across_thread_counts():
+    """The direct logits (12 tokens) and the selection of 3000 tokens (tied logits, exact in any GEMM)."""
+    x, weight = _router_inputs(12, 64, "normal", seed=9)
+    tied_x, identity = _router_inputs(3000, 64, "ties", seed=9)
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for num_threads in (1, max(threads, 2)):
+            torch.set_num_threads(num_threads)
+            outputs.append(native.softmax_top_k(x, weight, None, 6, False) + native.softmax_top_k(tied_x, identity, None, 6, False))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
+@requires_native
+@pytest.mark.parametrize(
+    "x,weight,bias,k,message",
+    [(torch.zeros(4, 3, dtype=torch.bfloat16), torch.zeros(5, 3, dtype=torch.bfloat16), None, 2, "float32 or float64"),
+     (torch.zeros(4, 3), torch.zeros(5, 3, dtype=torch.float64), None, 2, r"weight must be an \[E, d=3\] Float"),
+     (torch.zeros(4, 3), torch.zeros(5, 2), None, 2, r"weight must be an \[E, d=3\]"),
+     (torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4), 2, r"bias must be None or an \[E=5\]"),
+     (torch.zeros(4, 3), torch.zeros(5, 3), None, 6, r"k must be in \[1, E=5\]"),
+     (torch.zeros(4), torch.zeros(5, 4), None, 1, r"\[T, d\]")],
+)
+def test_router_kernel_rejects_bad_arguments(x, weight, bias, k, message):
+    with pytest.raises(RuntimeError, match=message):
+        native.softmax_top_k(x, weight, bias, k, True)
+
+
+@requires_native
+@pytest.mark.parametrize("num_tokens", [5, 21])
+def test_opcheck_router_kernel(num_tokens):
+    x, weight = _router_inputs(num_tokens, 9, "normal", seed=4)
+    for bias, renormalize in ((None, True), (torch.randn(9), False)):
+        torch.library.opcheck(torch.ops.moe_kernels.cpu_softmax_topk.default, (x, weight, bias, 3, renormalize))
+
+
+@requires_native
+@pytest.mark.parametrize("name,options", [("topk", {"renormalize": True}), ("topk", {"renormalize": False, "bias": True}),
+                                          ("switch", {}), ("noisy_topk", {})])
+def test_routers_take_the_cpu_kernel_only_where_no_gradient_is_recorded(name, options, monkeypatch):
+    """use_kernel="cpu": the C++ kernel without autograd (the definition's routing), the definition with it
+    (differentiable weights), and the definition for noisy top-k in training (noise)."""
+    k = 1 if name == "switch" else 3
+    torch.manual_seed(7)
+    router = routers.build(name, 12, 10, k, **options).eval()
+    if options.get("bias"):
+        torch.nn.init.normal_(router.bias)
+    x = torch.cat([torch.randn(30, 12), torch.randint(-1, 2, (30, 12)).float()])  # random and tied logits
+    calls = []
+    kernel = native.softmax_top_k
+    monkeypatch.setattr(native, "softmax_top_k", lambda *args, **kwargs: calls.append(args) or kernel(*args, **kwargs))
+    with torch.no_grad():
+        fused, plain = router(x, use_kernel="cpu"), router(x)
+    assert len(calls) == 1
+    assert torch.equal(fused.experts, plain.experts)
+    for got, expected in zip(fused[:2], plain[:2]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with_grad = router(x, use_kernel="cpu")
+    assert len(calls) == 1 and with_grad.weights.requires_grad
+    if name == "noisy_topk":
+        with torch.no_grad():
+            router.train()(x, use_kernel="cpu")
+        assert len(calls) == 1
 
 
 def run_layer(layer, x):

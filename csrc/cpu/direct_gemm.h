@@ -24,17 +24,20 @@ namespace moe_kernels::cpu {
 // alike, and at 64 rows (Mixtral/8 at T = 256) MKL is ~30% faster: 16.
 constexpr int64_t kDirectRows = 16;
 
-// Column blocks ahead whose weight rows a block prefetches (fewer near the last column). The weights of a decode step come from DRAM and one core's hardware prefetch
-// alone left it latency-bound: Qwen3/8 experts-only, T = 16: 3.89 -> 3.25 ms, T = 64: 7.78 -> 6.32 ms
-// (1, 2 and 4 blocks ahead measured alike).
-constexpr int kPrefetchBlocks = 2;
+// Output columns computed together are taken from kColumns lanes far apart (column b of each lane, lane l
+// starting at column l·cols/kColumns), not from kColumns neighbours: each lane then reads its weight rows
+// strictly in address order, one sequential stream per lane that the hardware prefetcher follows, and the
+// lanes' streams are in flight at once. Neighbouring columns interleave their rows line by line, which the
+// prefetcher takes for one stream. The weights of a decode step come from DRAM, and with one stream one
+// core stays latency-bound: 8 cold [192, 256] float32 GEMVs (Qwen3-30B-A3B/8's up projections at T = 1),
+// 1 row, median µs: neighbour columns 186-230 (7-8.5 GB/s), 2 lanes 169-202, 4 lanes 89-97 (16-17 GB/s),
+// 8 lanes 108; software prefetch on top of the lanes made it slower (102-116).
 
 namespace detail {
 
-// kColumns output columns of kRows rows: out[i][c] = Σ_k a[i][k]·b[c·b_stride + k], for k < depth, while
-// prefetching the rows `ahead` rows further on (rows that must exist: ahead ≤ the columns left after these).
+// kColumns output columns of kRows rows: out[i][c] = Σ_k a[i][k]·b[c][k], for k < depth.
 template <int kRows, int kColumns, typename scalar_t, typename opmath_t>
-inline void direct_block(const opmath_t* const* a, const scalar_t* b, int64_t b_stride, int64_t depth, int64_t ahead,
+inline void direct_block(const opmath_t* const* a, const scalar_t* const (&b)[kColumns], int64_t depth,
                          opmath_t (&out)[kRows][kColumns]) {
   using Vec = at::vec::Vectorized<opmath_t>;
   constexpr int64_t step = Vec::size();
@@ -44,15 +47,12 @@ inline void direct_block(const opmath_t* const* a, const scalar_t* b, int64_t b_
     for (int c = 0; c < kColumns; ++c) acc[i][c] = Vec(opmath_t(0));
   }
   for (int64_t k = 0; k < vector_depth; k += step) {
-    if ((k * sizeof(scalar_t)) % 64 == 0) {  // once per cache line: the same line kPrefetchBlocks blocks on
-      for (int c = 0; c < kColumns; ++c) __builtin_prefetch(b + (c + ahead) * b_stride + k);
-    }
     Vec w[kColumns];
     for (int c = 0; c < kColumns; ++c) {
       if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-        w[c] = Vec::loadu(b + c * b_stride + k);
+        w[c] = Vec::loadu(b[c] + k);
       } else {
-        at::vec::load_to_float(b + c * b_stride + k, w[c]);
+        at::vec::load_to_float(b[c] + k, w[c]);
       }
     }
     for (int i = 0; i < kRows; ++i) {
@@ -63,30 +63,33 @@ inline void direct_block(const opmath_t* const* a, const scalar_t* b, int64_t b_
   for (int i = 0; i < kRows; ++i) {
     for (int c = 0; c < kColumns; ++c) {
       opmath_t sum = at::vec::vec_reduce_all<opmath_t>([](Vec x, Vec y) { return x + y; }, acc[i][c]);
-      for (int64_t k = vector_depth; k < depth; ++k) sum += a[i][k] * static_cast<opmath_t>(b[c * b_stride + k]);
+      for (int64_t k = vector_depth; k < depth; ++k) sum += a[i][k] * static_cast<opmath_t>(b[c][k]);
       out[i][c] = sum;
     }
   }
 }
 
-// direct_gemm for a fixed row count: blocks of kColumns columns (independent accumulators keep the FMA
-// units busy), then the remaining columns one by one.
+// direct_gemm for a fixed row count: kColumns lanes of cols / kColumns columns each, walked together
+// (independent accumulators keep the FMA units busy, independent streams the memory), then the remaining
+// columns one by one.
 template <int kRows, typename scalar_t, typename opmath_t>
 inline void direct_rows(const opmath_t* const* a, const scalar_t* b, int64_t b_stride, int64_t cols, int64_t depth,
                         scalar_t* out, int64_t out_stride) {
   constexpr int kColumns = kRows <= 2 ? 4 : 2;  // kRows·kColumns accumulators and kColumns weights in 16 registers
-  int64_t j = 0;
-  for (; j + kColumns <= cols; j += kColumns) {
+  const int64_t lane = cols / kColumns;
+  for (int64_t j = 0; j < lane; ++j) {
+    const scalar_t* columns[kColumns];
+    for (int c = 0; c < kColumns; ++c) columns[c] = b + (c * lane + j) * b_stride;
     opmath_t block[kRows][kColumns];
-    const int64_t ahead = std::min<int64_t>(kPrefetchBlocks * kColumns, cols - j - kColumns);
-    direct_block<kRows, kColumns>(a, b + j * b_stride, b_stride, depth, ahead, block);
+    direct_block<kRows, kColumns>(a, columns, depth, block);
     for (int i = 0; i < kRows; ++i) {
-      for (int c = 0; c < kColumns; ++c) out[i * out_stride + j + c] = static_cast<scalar_t>(block[i][c]);
+      for (int c = 0; c < kColumns; ++c) out[i * out_stride + c * lane + j] = static_cast<scalar_t>(block[i][c]);
     }
   }
-  for (; j < cols; ++j) {
+  for (int64_t j = kColumns * lane; j < cols; ++j) {
+    const scalar_t* column[1] = {b + j * b_stride};
     opmath_t block[kRows][1];
-    direct_block<kRows, 1>(a, b + j * b_stride, b_stride, depth, cols - j - 1, block);
+    direct_block<kRows, 1>(a, column, depth, block);
     for (int i = 0; i < kRows; ++i) out[i * out_stride + j] = static_cast<scalar_t>(block[i][0]);
   }
 }

@@ -72,7 +72,8 @@ at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& d
   const at::ScalarType dtype = hidden.scalar_type();
   const int64_t d = down_weight.size(1), d_ff = down_weight.size(2);
   const at::Tensor rows = cpu::unit_stride_rows(hidden);
-  at::Tensor y_sum = at::zeros({layout.num_tokens, d}, hidden.options().dtype(weights.scalar_type()));
+  at::Tensor y_sum = at::empty({layout.num_tokens, d}, hidden.options().dtype(weights.scalar_type()));
+  std::memset(y_sum.data_ptr(), 0, y_sum.nbytes());  // not at::zeros: its TensorIterator fill is cold code at T = 1
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
   const int64_t num_slices = (d + cpu::kSliceColumns - 1) / cpu::kSliceColumns;

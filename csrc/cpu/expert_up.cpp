@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
     const bool direct = cpu::direct_weights(up_weight, dtype);
     const scalar_t* weight_data = direct ? static_cast<const scalar_t*>(up_weight.const_data_ptr()) : nullptr;
     cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
-      at::Tensor gathered = at::empty({scratch_rows, d}, x.options());
+      at::Tensor gathered;  // for the BLAS tiles only
       at::Tensor scratch = keep_pre_activation ? at::Tensor() : at::empty({scratch_rows, n_up}, x.options());
       std::vector<opmath_t> gate(d_ff), up(gated ? d_ff : 0), bias(n_up, opmath_t(0));
       std::vector<opmath_t> converted(std::is_same_v<scalar_t, opmath_t> ? 0 : cpu::kDirectRows * d);
@@ -117,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
           cpu::opmath_rows(token_rows, rows, d, converted.data(), a);
           cpu::direct_gemm(rows, a, weight_data + tile.expert * up_weight.stride(0), up_weight.stride(1), n_up, d, pre, n_up);
         } else {
+          if (!gathered.defined()) gathered = at::empty({scratch_rows, d}, x.options());
           scalar_t* gathered_data = gathered.data_ptr<scalar_t>();
           for (int64_t i = 0; i < rows; ++i) {
             std::memcpy(gathered_data + i * d, token_data + layout.token_of_row(tile.begin + i) * token_stride,

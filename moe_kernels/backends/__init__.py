@@ -29,14 +29,16 @@ def _importable(name: str) -> bool:
     return True
 
 
-def _load(name: str) -> Backend:
+def _load(name: str, device_type: str = "cpu") -> Backend:
     # Plain import statements, not importlib.import_module, so that torch.compile traces the layer's
     # forward (which resolves its backend) in one graph.
     if name == "torch":
-        from .pytorch import TorchBackend as backend
-    else:
-        from .triton import TritonBackend as backend
-    return backend()
+        from .pytorch import TorchBackend
+
+        return TorchBackend(device_type)
+    from .triton import TritonBackend
+
+    return TritonBackend()
 
 
 def available() -> tuple[str, ...]:
@@ -50,7 +52,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name == "auto":
         kernels = device.type == "cuda" and dtype in DTYPES["triton"] and importlib.util.find_spec("triton")
         name = "triton" if kernels else "torch"
-    backend = _load(name)
+    backend = _load(name, device.type)
     if name != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"backend {name!r} runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, for testing); "

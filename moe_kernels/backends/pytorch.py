@@ -169,10 +169,12 @@ class TorchBackend:
     permutation and the experts run as its C++ ops.
 
     The module-level functions stay pure PyTorch: the path without the extension, and the reference the
-    kernels are tested on.
+    kernels are tested on. Routers run their C++ kernels on the CPU when the extension is built
+    (``fused_routing`` "cpu"), their PyTorch definitions elsewhere.
     """
 
-    fused_routing = False
+    def __init__(self, device_type: str = "cpu"):
+        self.fused_routing = "cpu" if device_type == "cpu" and native.has_cpu_ops() else None
     permute = staticmethod(_permute_native_on_cpu)
     expert_up = staticmethod(_expert_up_native_on_cpu)
     expert_down_combine = staticmethod(_expert_down_combine_native_on_cpu)

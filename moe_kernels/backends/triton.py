@@ -13,7 +13,7 @@ from ..pipeline import Permutation
 class TritonBackend:
     """The pipeline Backend of the Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
 
-    fused_routing = True
+    fused_routing = "triton"
 
     @staticmethod
     def block_m(num_tokens: int, slots: int, num_experts: int) -> int:

@@ -3,9 +3,11 @@
 How a router is called
     ``router = build("topk", d_model, num_experts, k, **options)`` is an ``nn.Module`` (the layer's ``gate``)
     holding its parameters (``weight`` [E, d], and whatever else it needs), buffers and options.
-    ``routing = router(x, use_kernel=False)`` takes the tokens x [T, d] of any float dtype and computes in
-    float32 whatever autocast says (float64 for float64 x). ``use_kernel=True`` lets a router with a fused
-    Triton kernel use it (the layer asks on backend "triton"); every kernel reproduces the PyTorch definition.
+    ``routing = router(x, use_kernel=None)`` takes the tokens x [T, d] of any float dtype and computes in
+    float32 whatever autocast says (float64 for float64 x). ``use_kernel`` lets a router with fused kernels use
+    them (the layer passes its backend's ``fused_routing``): "triton" (backend "triton"), "cpu" (the C++ kernels
+    of moe_kernels._C, backend "torch" on the CPU when built; forward only, so only where no gradient is
+    recorded, the definition elsewhere); every kernel reproduces the PyTorch definition.
     Random draws (noise, jitter) happen only in training, on x's device, first thing in the forward.
 
 What it returns (``Routing``, fields documented in base.py)
@@ -22,7 +24,7 @@ The one ranking rule
 How to add a router
     1. ``routers/<family>.py``: a subclass of ``base.Router`` whose constructor takes ``(d_model, num_experts,
        k)`` and keyword-only options (validated with ``moe_kernels.checks``, kept as attributes of the same
-       name) and whose ``forward(x, use_kernel=False)`` returns a ``Routing``; its losses beside it (shared
+       name) and whose ``forward(x, use_kernel=None)`` returns a ``Routing``; its losses beside it (shared
        ones in ``losses.py``). The module docstring states the definition and the model it is faithful to.
     2. ``tests/routers/test_router_<family>.py``: the router against a float64 formula written out independently
        (forward, gradients, losses), and the layer against the reference loop with it.

@@ -76,7 +76,7 @@ class DeepSeek(Router):
         """Whether the router has the ``e_score_correction_bias`` buffer (the constructor option)."""
         return self.e_score_correction_bias is not None
 
-    def forward(self, x: Tensor, use_kernel: bool = False) -> Routing:
+    def forward(self, x: Tensor, use_kernel: str | None = None) -> Routing:
         """x [T, d] → Routing with S = k (fields in ``base.Routing``); no fused kernel."""
         logits = linear(x, self.weight)
         scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)

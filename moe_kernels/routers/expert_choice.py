@@ -33,7 +33,7 @@ class ExpertChoice(Router):
     def slots(self) -> int:
         return self.num_experts
 
-    def forward(self, x: Tensor, use_kernel: bool = False) -> Routing:
+    def forward(self, x: Tensor, use_kernel: str | None = None) -> Routing:
         """x [T, d] → Routing with S = E and ``expert_tokens`` [E, C] (fields in ``base.Routing``)."""
         logits = linear(x, self.weight)
         num_tokens, num_experts = logits.shape

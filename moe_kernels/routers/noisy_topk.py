@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import checks
+from .. import checks, native
 from . import losses
 from .base import Router, Routing, linear, top_k, uniform_
 
@@ -48,8 +48,14 @@ class NoisyTopK(Router):
         self.importance_loss_weight = checks.number("importance_loss_weight", importance_loss_weight)
         self.load_loss_weight = checks.number("load_loss_weight", load_loss_weight)
 
-    def forward(self, x: Tensor, use_kernel: bool = False) -> Routing:
-        """x [T, d] → Routing with S = k (fields in ``base.Routing``); no fused kernel."""
+    def forward(self, x: Tensor, use_kernel: str | None = None) -> Routing:
+        """x [T, d] → Routing with S = k (fields in ``base.Routing``). Without noise (evaluation) this is softmax
+        top-k with ``renormalize``: ``use_kernel="cpu"`` runs it by that C++ kernel where it applies
+        (``native.routes``)."""
+        if not self.training and use_kernel == "cpu" and native.routes(x, self.weight, None):
+            logits, weights, experts = native.softmax_top_k(x, self.weight, None, self.k, True)
+            aux_loss = self.loss(logits, logits, None, experts, weights) if self.wants_aux_loss() else None
+            return Routing(logits, weights, experts, aux_loss)
         logits = linear(x, self.weight)
         num_tokens, num_experts = logits.shape
         noise_std = None

@@ -14,15 +14,18 @@ rounded probabilities the two may choose differently (here the lower id always w
 Losses: ``balance_loss_weight``·E·Σ f_i·P_i (Switch Transformer, eq. 4) + ``z_loss_weight``·mean logsumexp²
 (ST-MoE, eq. 5); see ``losses``.
 
-Kernel: ``moe_kernels.kernels.gating`` computes experts and weights (and their backward) in one pass over
-the float32 logits; the layer asks for it (``use_kernel``) on backend "triton".
+Kernels (``use_kernel``): "triton", ``moe_kernels.kernels.gating``, computes experts and weights (and their
+backward) in one pass over the float32 logits, on backend "triton"; "cpu", ``native.softmax_top_k``, the whole
+forward, logits included, in one C++ op (moe_kernels._C), on backend "torch" on the CPU where no gradient is
+recorded (its logits are a fixed-order dot product at decode sizes: they may differ from ``F.linear``'s in the
+last bits, as two GEMMs do; selection and weights are exact on the logits it returns).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .. import checks
+from .. import checks, native
 from . import losses
 from .base import Router, Routing, linear, top_k
 
@@ -62,15 +65,21 @@ class SoftmaxTopK(Router):
     def options(self) -> dict:
         return {**super().options(), "bias": self.bias is not None}
 
-    def forward(self, x: Tensor, use_kernel: bool = False) -> Routing:
+    def forward(self, x: Tensor, use_kernel: str | None = None) -> Routing:
         """x [T, d] → Routing with S = k (fields in ``base.Routing``)."""
-        logits = linear(x, self.weight, self.bias)
-        weights, experts = self.select(logits, use_kernel)
+        logits, weights, experts = self.route(x, use_kernel)
         return Routing(logits, weights, experts, self.loss(logits, experts))
 
-    def select(self, logits: Tensor, use_kernel: bool) -> tuple[Tensor, Tensor]:
-        """(weights, experts) of the logits, by the fused kernel when asked for and it applies (float32)."""
-        if use_kernel and logits.dtype == torch.float32:
+    def route(self, x: Tensor, use_kernel: str | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits, weights, experts) of x, by the fused kernel asked for where it applies (module docstring)."""
+        if use_kernel == "cpu" and native.routes(x, self.weight, self.bias):
+            return native.softmax_top_k(x, self.weight, self.bias, self.k, self.renormalize)
+        logits = linear(x, self.weight, self.bias)
+        return (logits, *self.select(logits, use_kernel))
+
+    def select(self, logits: Tensor, use_kernel: str | None) -> tuple[Tensor, Tensor]:
+        """(weights, experts) of the logits, by the Triton kernel where asked for (float32)."""
+        if use_kernel == "triton" and logits.dtype == torch.float32:
             from ..ops import softmax_topk  # Triton: imported only where the kernels run
 
             return softmax_topk(logits, self.k, self.renormalize)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import checks
-from .base import Routing, linear, router_dtype
+from .base import Routing, router_dtype
 from .softmax_topk import SoftmaxTopK
 
 
@@ -47,11 +47,10 @@ class Switch(SoftmaxTopK):
         if self.jitter_noise >= 1.0:
             raise ValueError(f"jitter_noise must be in [0, 1) (a factor U(1 − j, 1 + j)), got {jitter_noise!r}")
 
-    def forward(self, x: Tensor, use_kernel: bool = False) -> Routing:
+    def forward(self, x: Tensor, use_kernel: str | None = None) -> Routing:
         """x [T, d] → Routing with S = 1 (fields in ``base.Routing``)."""
         if self.training and self.jitter_noise > 0:
             noise = torch.empty(x.shape, device=x.device).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             x = x.to(router_dtype(x)) * noise.to(router_dtype(x))
-        logits = linear(x, self.weight, self.bias)
-        weights, experts = self.select(logits, use_kernel)
+        logits, weights, experts = self.route(x, use_kernel)
         return Routing(logits, weights, experts, self.loss(logits, experts))
