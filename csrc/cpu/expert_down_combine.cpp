@@ -6,9 +6,10 @@
 // adds weight·(row + bias) into the rows of y it owns, so no [R, d] buffer of expert outputs exists and
 // each token's sum has one fixed order (experts ascending, then sorted rows) whatever the thread count.
 // Accumulation in the opmath type.
-// Backward, two loops: per (expert, row tile) u = dy[token]·W_e gives d(hidden) = weight·u and
-// d(weight) = <u, hidden> + <dy, bias>; per (expert, slice of d) one GEMM over all of the expert's rows
-// gives d(W_e) and d(bias_e).
+// Backward: dy gathered into sorted rows once; per (expert, row tile, and slice of d_ff for tiles of
+// kSplitRows rows or more) u = dy[token]·W_e into d(hidden)'s rows, then per row d(weight) = <u, hidden> +
+// <dy, bias> and d(hidden) = weight·u; per (expert, slice of d) one GEMM over all of the expert's rows gives
+// d(W_e) and d(bias_e).
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -140,12 +141,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
   at::Tensor grad_hidden = cpu::empty_on_huge_pages({layout.num_rows, d_ff}, hidden.options());
   cpu::zero_padding_rows(layout, grad_hidden);
   at::Tensor grad_weights = at::zeros(weights.sizes(), weights.options());
-  at::Tensor grad_down_weight = cpu::empty_on_huge_pages(down_weight.sizes(), down_weight.options());
-  at::Tensor grad_down_bias = down_bias.has_value() ? at::empty(down_bias->sizes(), down_bias->options())
+  at::Tensor grad_down_weight = cpu::expert_gradient(layout, down_weight.sizes(), down_weight.options());
+  at::Tensor grad_down_bias = down_bias.has_value() ? cpu::expert_gradient(layout, down_bias->sizes(), down_bias->options())
                                                     : at::empty({0}, hidden.options());
+  at::Tensor dy_rows = cpu::empty_on_huge_pages({layout.num_rows, d}, hidden.options());  // dy[token of row]; padding unread
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
-  const int64_t scratch_rows = cpu::tile_rows(tiles);
-  const std::vector<cpu::RowTile> weight_items = cpu::expert_slices(layout, d);
+  const std::vector<cpu::SliceItem> u_items = cpu::tile_slices(tiles, d_ff);
+  const std::vector<cpu::SliceItem> weight_items = cpu::expert_slices(layout, d);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_down_combine_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -159,40 +161,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
       *slot = assignment % layout.num_slots;
       return weight_data[*token * weights.stride(0) + *slot * weights.stride(1)];
     };
-    // 1. u = dy[token]·W_e per row tile; d(hidden) = gate·u, d(gate) = <u, hidden> + <dy, bias_e>.
+    // 1. u = dy[token]·W_e per item (row tile × slice of d_ff) into grad_hidden; then row by row
+    //    d(gate) = <u, hidden> + <dy, bias_e> and d(hidden) = gate·u in place.
+    scalar_t* dy_data = dy_rows.data_ptr<scalar_t>();
     scalar_t* grad_hidden_data = grad_hidden.data_ptr<scalar_t>();
     opmath_t* grad_weight_data = grad_weights.data_ptr<opmath_t>();
     cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
-      at::Tensor gathered = at::empty({scratch_rows, d}, hidden.options());
-      at::Tensor product = at::empty({scratch_rows, d_ff}, hidden.options());
+      for (int64_t item = begin; item < end; ++item) {
+        for (int64_t r = tiles[item].begin; r < tiles[item].end; ++r) {
+          std::memcpy(dy_data + r * d, grad_data + layout.token_of_row(r) * grad_stride, d * sizeof(scalar_t));
+        }
+      }
+    });
+    cpu::parallel_items(static_cast<int64_t>(u_items.size()), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const cpu::SliceItem& tile = u_items[item];
+        const int64_t count = tile.row_end - tile.row_begin, width = tile.end - tile.begin;
+        const at::Tensor weight = cpu::expert_matrix(down_weight, tile.expert, dtype);  // [d, d_ff]
+        at::Tensor out = cpu::matrix(grad_hidden_data + tile.row_begin * d_ff + tile.begin, count, width, d_ff, 1, dtype);
+        at::mm_out(out, cpu::matrix(dy_data + tile.row_begin * d, count, d, d, 1, dtype),
+                   cpu::matrix(weight.const_data_ptr<scalar_t>() + tile.begin * weight.stride(1), d, width,
+                               weight.stride(0), weight.stride(1), dtype));
+      }
+    });
+    cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> bias(down_bias.has_value() ? d : 0, opmath_t(0));
       for (int64_t item = begin; item < end; ++item) {
         const cpu::RowTile& tile = tiles[item];
-        const int64_t count = tile.end - tile.begin;
-        scalar_t* gathered_data = gathered.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < count; ++i) {
-          std::memcpy(gathered_data + i * d, grad_data + layout.token_of_row(tile.begin + i) * grad_stride,
-                      d * sizeof(scalar_t));
-        }
-        const at::Tensor weight = cpu::expert_matrix(down_weight, tile.expert, dtype);  // [d, d_ff]
-        at::Tensor out = cpu::matrix(product.data_ptr<scalar_t>(), count, d_ff, d_ff, 1, dtype);
-        at::mm_out(out, cpu::matrix(gathered_data, count, d, d, 1, dtype), weight);
         load_bias(down_bias, tile.expert, 0, bias);
-        const scalar_t* u = product.const_data_ptr<scalar_t>();
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t row = tile.begin + i;
+        for (int64_t row = tile.begin; row < tile.end; ++row) {
           int64_t token, slot;
           const opmath_t gate = gate_of(row, &token, &slot);
           const scalar_t* h = row_data + row * rows.stride(0);
-          scalar_t* grad_h = grad_hidden_data + row * d_ff;
+          scalar_t* grad_h = grad_hidden_data + row * d_ff;  // holds u
           opmath_t dot = 0;
           for (int64_t j = 0; j < d_ff; ++j) {
-            const opmath_t value = static_cast<opmath_t>(u[i * d_ff + j]);
+            const opmath_t value = static_cast<opmath_t>(grad_h[j]);
             grad_h[j] = static_cast<scalar_t>(gate * value);
             dot += value * static_cast<opmath_t>(h[j]);
           }
           for (int64_t j = 0; j < static_cast<int64_t>(bias.size()); ++j) {
-            dot += static_cast<opmath_t>(gathered_data[i * d + j]) * bias[j];
+            dot += static_cast<opmath_t>(dy_data[row * d + j]) * bias[j];
           }
           grad_weight_data[token * grad_weights.stride(0) + slot * grad_weights.stride(1)] = dot;
         }
@@ -202,15 +211,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
     // 2. d(W_e)[slice] = (gate·dy[tokens of e])[slice]ᵀ · hidden[rows of e]; d(bias_e)[slice] = Σ gate·dy.
     cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const auto [e, first, last] = weight_items[item];
-        const int64_t start = layout.expert_offsets[e], count = layout.tokens_per_expert[e], width = last - first;
+        const cpu::SliceItem& slice = weight_items[item];
+        const int64_t e = slice.expert, first = slice.begin, width = slice.end - slice.begin;
+        const int64_t start = slice.row_begin, count = slice.row_end - slice.row_begin;
         at::Tensor weighted = at::empty({count, width}, hidden.options());
         scalar_t* weighted_data = weighted.data_ptr<scalar_t>();
         std::vector<opmath_t> bias_sum(down_bias.has_value() ? width : 0, opmath_t(0));
         for (int64_t i = 0; i < count; ++i) {
           int64_t token, slot;
           const opmath_t gate = gate_of(start + i, &token, &slot);
-          const scalar_t* g = grad_data + token * grad_stride + first;
+          const scalar_t* g = dy_data + (start + i) * d + first;
           for (int64_t j = 0; j < width; ++j) weighted_data[i * width + j] = static_cast<scalar_t>(gate * static_cast<opmath_t>(g[j]));
           for (int64_t j = 0; j < static_cast<int64_t>(bias_sum.size()); ++j) bias_sum[j] += gate * static_cast<opmath_t>(g[j]);
         }
@@ -228,11 +238,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
       }
     });
   });
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (layout.tokens_per_expert[e] > 0) continue;
-    cpu::zero_expert(grad_down_weight, e);
-    if (down_bias.has_value()) cpu::zero_expert(grad_down_bias, e);
-  }
   return {grad_hidden, grad_down_weight, grad_down_bias, grad_weights};
 }
 

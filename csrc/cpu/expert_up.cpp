@@ -6,9 +6,10 @@
 // tile's tokens, one BLAS GEMM with the expert's weight (direct_gemm.h for tiles of at most kDirectRows
 // rows), bias and activation row by row into hidden.
 // The pre-activation is written to a [R, N] output only when the caller keeps it for backward.
-// Backward: the activation's backward per row tile into grad_pre [R, N]; per row tile one GEMM for the
-// dx rows, then each token sums its rows in slot order; the weight and bias gradients per expert (or
-// slice of N, with few experts), each one GEMM over all of the expert's rows.
+// Backward: the activation's backward per row tile into grad_pre [R, N]; per row tile (and slice of d, for
+// tiles of kSplitRows rows or more) one GEMM for the dx rows, then each token sums its rows in slot order;
+// the weight and bias gradients per expert (or slice of N: few experts, or many rows), each one GEMM over
+// all of the expert's rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
@@ -179,11 +180,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
   at::Tensor grad_pre = cpu::empty_on_huge_pages({layout.num_rows, n_up}, x.options());
   at::Tensor grad_x_sum = at::zeros({layout.num_tokens, d}, x.options().dtype(opmath_dtype));
   at::Tensor row_dx = cpu::empty_on_huge_pages({layout.num_rows, d}, x.options().dtype(opmath_dtype));
-  at::Tensor grad_up_weight = cpu::empty_on_huge_pages(up_weight.sizes(), up_weight.options());
-  at::Tensor grad_up_bias = up_bias.has_value() ? at::empty(up_bias->sizes(), up_bias->options()) : at::empty({0}, x.options());
+  at::Tensor gathered_x = cpu::empty_on_huge_pages({layout.num_rows, d}, x.options());  // x[token of row]; padding unread
+  at::Tensor grad_up_weight = cpu::expert_gradient(layout, up_weight.sizes(), up_weight.options());
+  at::Tensor grad_up_bias = up_bias.has_value() ? cpu::expert_gradient(layout, up_bias->sizes(), up_bias->options())
+                                                : at::empty({0}, x.options());
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
-  const std::vector<cpu::RowTile> weight_items = cpu::expert_slices(layout, n_up);
+  const std::vector<cpu::SliceItem> dx_items = cpu::tile_slices(tiles, d);
+  const std::vector<cpu::SliceItem> weight_items = cpu::expert_slices(layout, n_up);
   const GateUpColumns columns{gated, interleaved, d_ff};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_up_backward", [&] {
@@ -211,21 +215,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
       }
     });
 
-    // 2. dx rows = grad_pre[row] · up_weight[e], one GEMM per row tile into an [R, d] opmath buffer; then
-    //    dx[t] = the sum of t's rows in slot order, token by token.
+    // 2. dx rows = grad_pre[row] · up_weight[e], one GEMM per item (row tile × slice of d) into an [R, d]
+    //    opmath buffer; then dx[t] = the sum of t's rows in slot order, token by token.
     opmath_t* row_dx_data = row_dx.data_ptr<opmath_t>();
-    cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(static_cast<int64_t>(dx_items.size()), [&](int64_t begin, int64_t end) {
       at::Tensor product = std::is_same_v<scalar_t, opmath_t> ? at::Tensor() : at::empty({scratch_rows, d}, x.options());
       for (int64_t item = begin; item < end; ++item) {
-        const cpu::RowTile& tile = tiles[item];
-        const int64_t rows = tile.end - tile.begin;
+        const cpu::SliceItem& tile = dx_items[item];
+        const int64_t rows = tile.row_end - tile.row_begin, width = tile.end - tile.begin;
         const at::Tensor weight = cpu::expert_matrix(up_weight, tile.expert, dtype);  // [N, d]
-        scalar_t* out_data = std::is_same_v<scalar_t, opmath_t> ? reinterpret_cast<scalar_t*>(row_dx_data + tile.begin * d)
-                                                                 : product.data_ptr<scalar_t>();
-        at::Tensor out = cpu::matrix(out_data, rows, d, d, 1, dtype);
-        at::mm_out(out, cpu::matrix(grad_pre_data + tile.begin * n_up, rows, n_up, n_up, 1, dtype), weight);
+        const at::Tensor columns_of_weight = cpu::matrix(weight.const_data_ptr<scalar_t>() + tile.begin * weight.stride(1),
+                                                         n_up, width, weight.stride(0), weight.stride(1), dtype);
+        opmath_t* dx_rows = row_dx_data + tile.row_begin * d + tile.begin;
+        at::Tensor out = std::is_same_v<scalar_t, opmath_t> ? cpu::matrix(dx_rows, rows, width, d, 1, dtype)
+                                                             : cpu::matrix(product.data_ptr<scalar_t>(), rows, width, width, 1, dtype);
+        at::mm_out(out, cpu::matrix(grad_pre_data + tile.row_begin * n_up, rows, n_up, n_up, 1, dtype), columns_of_weight);
         if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
-          for (int64_t i = 0; i < rows * d; ++i) row_dx_data[tile.begin * d + i] = static_cast<opmath_t>(out_data[i]);
+          const scalar_t* product_data = product.const_data_ptr<scalar_t>();
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t j = 0; j < width; ++j) dx_rows[i * d + j] = static_cast<opmath_t>(product_data[i * width + j]);
+          }
         }
       }
     });
@@ -242,18 +251,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
       }
     });
 
-    // 3. grad_up_weight[e] = grad_pre[rows of e]ᵀ · x[tokens of e], grad_up_bias[e] = Σ grad_pre[rows of e].
+    // 3. grad_up_weight[e] = grad_pre[rows of e]ᵀ · x[tokens of e], grad_up_bias[e] = Σ grad_pre[rows of e],
+    //    per item (expert × slice of N), from x's rows gathered once in sorted order.
     const scalar_t* token_data = tokens.const_data_ptr<scalar_t>();
+    scalar_t* gathered_data = gathered_x.data_ptr<scalar_t>();
+    cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        for (int64_t r = tiles[item].begin; r < tiles[item].end; ++r) {
+          std::memcpy(gathered_data + r * d, token_data + layout.token_of_row(r) * tokens.stride(0), d * sizeof(scalar_t));
+        }
+      }
+    });
     cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const auto [e, first, last] = weight_items[item];
-        const int64_t start = layout.expert_offsets[e], rows = layout.tokens_per_expert[e], width = last - first;
-        at::Tensor gathered = at::empty({rows, d}, x.options());
-        scalar_t* gathered_data = gathered.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < rows; ++i) {
-          std::memcpy(gathered_data + i * d, token_data + layout.token_of_row(start + i) * tokens.stride(0),
-                      d * sizeof(scalar_t));
-        }
+        const cpu::SliceItem& slice = weight_items[item];
+        const int64_t e = slice.expert, first = slice.begin, width = slice.end - slice.begin;
+        const int64_t start = slice.row_begin, rows = slice.row_end - slice.row_begin;
+        const at::Tensor gathered = cpu::matrix(gathered_data + start * d, rows, d, d, 1, dtype);
         const at::Tensor grad_block = cpu::matrix(grad_pre_data + start * n_up + first, rows, width, n_up, 1, dtype);
         at::Tensor target = grad_up_weight.select(0, e).narrow(0, first, width);
         if (grad_up_weight.scalar_type() == dtype) {
@@ -272,11 +286,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
       }
     });
   });
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (layout.tokens_per_expert[e] > 0) continue;
-    cpu::zero_expert(grad_up_weight, e);
-    if (up_bias.has_value()) cpu::zero_expert(grad_up_bias, e);
-  }
   at::Tensor grad_x = grad_x_sum.scalar_type() == dtype ? grad_x_sum : grad_x_sum.to(dtype);
   return {grad_x, grad_up_weight, grad_up_bias};
 }

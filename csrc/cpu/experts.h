@@ -136,15 +136,50 @@ inline int64_t tile_rows(const std::vector<RowTile>& tiles) {
 // and half the GEMM calls of slicing (which matter when each expert has a handful of rows).
 constexpr int64_t kWholeExpertItems = 8;
 
-// The items of the weight-gradient loops: (expert, slice [begin, end) of the gradient's `width` rows) for
-// every expert that has rows; the whole width per expert from kWholeExpertItems experts on (a rule on the
-// shape, never on the thread count).
-inline std::vector<RowTile> expert_slices(const Layout& layout, int64_t width) {
-  const int64_t slice = layout.num_experts >= kWholeExpertItems ? width : kSliceColumns;
-  std::vector<RowTile> items;
+// Rows from which one GEMM (an expert's weight gradient, or a row tile's product with an expert's weight) is
+// split by its output columns into items of kSliceColumns: a few large experts (Mixtral-8x7B/8 at T = 256:
+// 8 experts of ~64 rows) then give tens of items rather than 8 of uneven sizes, so that threads share them
+// evenly, and each slice still reads its columns of the weight once for all of its rows.
+constexpr int64_t kSplitRows = 64;
+
+// Output columns [begin, end) of `width` for one GEMM of `rows` rows: the whole width below kSplitRows rows
+// (unless `always_slice`), else slices of kSliceColumns (a rule on the shapes, never on the thread count).
+inline int64_t slice_width(int64_t rows, int64_t width, bool always_slice = false) {
+  return always_slice || rows >= kSplitRows ? kSliceColumns : width;
+}
+
+// A work item: a run of sorted rows [row_begin, row_end) of one expert times output columns [begin, end).
+struct SliceItem {
+  int64_t expert;
+  int64_t row_begin;
+  int64_t row_end;
+  int64_t begin;
+  int64_t end;
+};
+
+// The items of a per-row-tile GEMM with `width` output columns: each tile, sliced by slice_width.
+inline std::vector<SliceItem> tile_slices(const std::vector<RowTile>& tiles, int64_t width) {
+  std::vector<SliceItem> items;
+  for (const RowTile& tile : tiles) {
+    const int64_t slice = slice_width(tile.end - tile.begin, width);
+    for (int64_t begin = 0; begin < width; begin += slice) {
+      items.push_back({tile.expert, tile.begin, tile.end, begin, std::min(width, begin + slice)});
+    }
+  }
+  return items;
+}
+
+// The items of the weight-gradient loops: every expert that has rows, all of its rows, its `width` gradient
+// rows sliced by slice_width (always with fewer than kWholeExpertItems experts).
+inline std::vector<SliceItem> expert_slices(const Layout& layout, int64_t width) {
+  std::vector<SliceItem> items;
   for (int64_t e = 0; e < layout.num_experts; ++e) {
-    if (layout.tokens_per_expert[e] == 0) continue;
-    for (int64_t begin = 0; begin < width; begin += slice) items.push_back({e, begin, std::min(width, begin + slice)});
+    const int64_t rows = layout.tokens_per_expert[e], start = layout.expert_offsets[e];
+    if (rows == 0) continue;
+    const int64_t slice = slice_width(rows, width, layout.num_experts < kWholeExpertItems);
+    for (int64_t begin = 0; begin < width; begin += slice) {
+      items.push_back({e, start, start + rows, begin, std::min(width, begin + slice)});
+    }
   }
   return items;
 }
@@ -160,12 +195,6 @@ inline void zero_padding_rows(const Layout& layout, at::Tensor& rows) {
     const int64_t end = e < layout.num_experts ? layout.expert_offsets[e + 1] : layout.num_rows;
     if (end > begin) std::memset(data + begin * row_bytes, 0, (end - begin) * row_bytes);
   }
-}
-
-// Zero-fills expert e's block of a contiguous [E, ...] gradient: for the experts that received no rows.
-inline void zero_expert(at::Tensor& gradient, int64_t expert) {
-  const int64_t block_bytes = gradient.stride(0) * gradient.element_size();
-  std::memset(static_cast<char*>(gradient.data_ptr()) + expert * block_bytes, 0, block_bytes);
 }
 
 // A [rows, cols] view of raw memory with element strides, for at::mm_out without dispatcher views.
