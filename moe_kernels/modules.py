@@ -293,5 +293,7 @@ def _on_device(module: nn.Module, device: torch.device) -> bool:
         for parameter in current._parameters.values():
             if parameter is not None and parameter.device != device:
                 return False
-        pending.extend(child for child in current._modules.values() if child is not None)
+        for child in current._modules.values():
+            if child is not None:
+                pending.append(child)
     return True

@@ -121,15 +121,47 @@ def _router_inputs(num_tokens, num_experts, data, seed, dtype=torch.float32):
 
 
 def _check_router_kernel(x, weight, bias, k, renormalize):
-    """The kernel's logits against F.linear's, and its ids (exactly) and weights against the definition's on the
-    logits it returns; returns (logits, weights, experts)."""
+    """The kernel's logits, ids and weights against the definition's, bitwise (the same ATen calls for logits
+    and weights, the one ranking rule for ids); returns (logits, weights, experts)."""
     logits, weights, experts = native.softmax_top_k(x, weight, bias, k, renormalize)
-    expected_weights, expected_experts = softmax_top_k(logits, k, renormalize)
-    torch.testing.assert_close(logits, torch.nn.functional.linear(x, weight, bias), equal_nan=True)
+    expected_logits = torch.nn.functional.linear(x, weight, bias)
+    expected_weights, expected_experts = softmax_top_k(expected_logits, k, renormalize)
     assert experts.dtype == torch.int32 and weights.dtype == x.dtype and logits.dtype == x.dtype
+    assert torch.equal(logits, expected_logits) or torch.equal(logits.isnan(), expected_logits.isnan())
     assert torch.equal(experts, expected_experts)
-    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=0, equal_nan=True)
     return logits, weights, experts
+
+
+@requires_native
+@pytest.mark.parametrize("num_tokens", [1, 3, 16, 40])
+def test_router_kernel_logits_and_weights_are_the_definitions_bits(num_tokens):
+    generator = torch.Generator().manual_seed(num_tokens)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((num_tokens, 64), (128, 64), (128,)))
+    for renormalize in (True, False):
+        _check_router_kernel(x, weight, bias, 8, renormalize)
+
+
+@requires_native
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "switch"])
+def test_layer_chooses_the_same_experts_with_and_without_gradients_at_near_ties(router):
+    """Logits one float32 ulp apart (and exactly tied): the no-grad layer (C++ router kernel) chooses what the
+    layer with gradients (the PyTorch definition) chooses, and gives the same y, bitwise."""
+    k = 1 if router == "switch" else 2
+    layer = MoE(4, 6, 4, k=k, router=router, backend="torch").eval()
+    with torch.no_grad():
+        layer.gate.weight.copy_(torch.eye(4))
+    base = torch.tensor([1.0, 1.0, 0.5, -2.0])
+    near = base.clone()
+    near[1] = torch.nextafter(base[1], torch.tensor(2.0))
+    x = torch.stack([base, near, near.flip(0), torch.zeros(4)] * 5)
+    seen = []
+    layer.gate.register_forward_hook(lambda module, inputs, routing: seen.append(routing))
+    expected = layer(x.requires_grad_())
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.equal(seen[0].experts, seen[1].experts) and torch.equal(seen[0].logits, seen[1].logits)
+    assert torch.equal(got, expected.detach())
 
 
 @requires_native

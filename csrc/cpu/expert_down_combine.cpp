@@ -91,15 +91,20 @@ at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& d
       for (int64_t slice = begin; slice < end; ++slice) {
         const int64_t first = slice * cpu::kSliceColumns, width = std::min(cpu::kSliceColumns, d - first);
         std::vector<opmath_t> bias(width, opmath_t(0));
-        for (const cpu::RowTile& tile : tiles) {
+        for (size_t item = 0; item < tiles.size(); ++item) {
+          const cpu::RowTile& tile = tiles[item];
           const int64_t count = tile.end - tile.begin;
           if (direct && count <= cpu::kDirectRows) {
             const scalar_t* hidden_rows[cpu::kDirectRows];
             for (int64_t i = 0; i < count; ++i) hidden_rows[i] = row_data + (tile.begin + i) * rows.stride(0);
             const opmath_t* a[cpu::kDirectRows];
             cpu::opmath_rows(hidden_rows, count, d_ff, converted.data(), a);
-            cpu::direct_gemm(count, a, down_data + tile.expert * down_weight.stride(0) + first * down_weight.stride(1),
-                             down_weight.stride(1), width, d_ff, product.data_ptr<scalar_t>(), width);
+            const auto slice_of = [&](int64_t expert) {
+              return down_data + expert * down_weight.stride(0) + first * down_weight.stride(1);
+            };
+            const scalar_t* next = item + 1 < tiles.size() ? slice_of(tiles[item + 1].expert) : nullptr;
+            cpu::direct_gemm(count, a, slice_of(tile.expert), down_weight.stride(1), width, d_ff,
+                             product.data_ptr<scalar_t>(), width, next);
           } else {
             const at::Tensor weight = cpu::expert_matrix(down_weight, tile.expert, dtype);  // [d, d_ff]
             at::Tensor out = cpu::matrix(product.data_ptr<scalar_t>(), count, width, width, 1, dtype);

@@ -16,9 +16,8 @@ Losses: ``balance_loss_weight``·E·Σ f_i·P_i (Switch Transformer, eq. 4) + ``
 
 Kernels (``use_kernel``): "triton", ``moe_kernels.kernels.gating``, computes experts and weights (and their
 backward) in one pass over the float32 logits, on backend "triton"; "cpu", ``native.softmax_top_k``, the whole
-forward, logits included, in one C++ op (moe_kernels._C), on backend "torch" on the CPU where no gradient is
-recorded (its logits are a fixed-order dot product at decode sizes: they may differ from ``F.linear``'s in the
-last bits, as two GEMMs do; selection and weights are exact on the logits it returns).
+forward in one C++ op (moe_kernels._C), on backend "torch" on the CPU where no gradient is recorded: the same
+ATen calls for the logits and the weights (the same bits as this definition), one selection loop for the sort.
 """
 from __future__ import annotations
 
