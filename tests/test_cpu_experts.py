@@ -142,6 +142,23 @@ def test_large_weight_gradients_with_idle_experts():
     assert torch.equal(actual["up_weight"][idle], torch.ones_like(actual["up_weight"][idle]))
 
 
+def test_sparse_weight_gradients_on_fresh_small_pages():
+    """A weight gradient under 32 MiB with at most 1/8 of its experts written lies on fresh 4 KiB zero pages
+    (huge_pages.h): the experts without rows read as exact zeros, the others as the reference."""
+    tensors, experts = problem("swiglu", num_tokens=3, d=128, d_ff=128, num_experts=64, k=2, biases=True)
+    dy = torch.randn(tensors["x"].shape, dtype=torch.float64)
+    exact = run_stages(PYTORCH, tensors, experts, torch.float64, "swiglu", None, dy)[1]
+    baseline = run_stages(PYTORCH, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    actual = run_stages(NATIVE, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    assert actual["up_weight"].nbytes < 32 << 20 and actual["up_weight"].data_ptr() % 4096 == 0  # its own mapping
+    idle = torch.ones(64, dtype=torch.bool)
+    idle[experts.flatten().long()] = False
+    assert int(idle.sum()) >= 56
+    for name in ("up_weight", "down_weight"):
+        assert actual[name].is_contiguous() and torch.equal(actual[name][idle], torch.zeros_like(actual[name][idle])), name
+        assert_close(actual[name].double(), baseline[name].double(), exact[name], torch.float32, 3, f"grad of {name}")
+
+
 def test_weights_of_any_strides_and_dtype():
     """Expert-minor strides (stride(0) = 1) and float32 weights under float64 x give the contiguous result."""
     tensors, experts = problem("swiglu", biases=True)

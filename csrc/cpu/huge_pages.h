@@ -52,29 +52,44 @@ inline at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOpt
 // Below it, memory that malloc reuses (no page faults at all) beats fresh zero pages.
 constexpr int64_t kFreshPagesMinBytes = int64_t{32} << 20;
 
+// Below it, a gradient of kSparseFreshMinBytes or more whose experts with rows are at most 1/kSparseShare of
+// all still goes on fresh zero pages, of 4 KiB (a 2 MiB page would zero 2 MiB for each expert written): the
+// memset of the idle experts (~1.5 ms for Shazeer-style/8's 16 MiB of weight gradients at T = 1) then costs
+// a few page faults per expert with rows instead.
+constexpr int64_t kSparseFreshMinBytes = int64_t{1} << 20;
+constexpr int64_t kSparseShare = 8;
+
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-// A zero tensor of `sizes` on a private anonymous mapping of its own, 2 MiB-aligned and marked for huge
-// pages (unmapped when the tensor's storage is freed); an undefined tensor when mmap fails.
-inline at::Tensor zeros_on_fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// A zero tensor of `sizes` on a private anonymous mapping of its own (unmapped when the tensor's storage is
+// freed), with `huge`: 2 MiB-aligned and marked for huge pages; an undefined tensor when mmap fails.
+inline at::Tensor zeros_on_fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, bool huge) {
   constexpr size_t kHugePage = size_t{1} << 21;
   const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  const size_t length = bytes + kHugePage;  // room to start on a 2 MiB boundary
+  const size_t length = huge ? bytes + kHugePage : bytes;  // room to start on a 2 MiB boundary
   void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (base == MAP_FAILED) return at::Tensor();
-  const auto start = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) & ~(kHugePage - 1);
-  madvise(reinterpret_cast<void*>(start), (bytes + kHugePage - 1) & ~(kHugePage - 1), MADV_HUGEPAGE);
+  auto start = reinterpret_cast<uintptr_t>(base);
+  if (huge) {
+    start = (start + kHugePage - 1) & ~(kHugePage - 1);
+    madvise(reinterpret_cast<void*>(start), (bytes + kHugePage - 1) & ~(kHugePage - 1), MADV_HUGEPAGE);
+  }
   return at::from_blob(reinterpret_cast<void*>(start), sizes, [base, length](void*) { munmap(base, length); },
                        options.device(at::kCPU));
 }
 #endif
 
 // The gradient [E, ...] (contiguous, `sizes`) of an expert weight or bias, with the experts that received no
-// rows already zero; the caller writes the others whole. From kFreshPagesMinBytes on, on fresh zero pages
-// (see above); else on empty_on_huge_pages's memory with those experts zero-filled.
+// rows already zero; the caller writes the others whole. From kFreshPagesMinBytes on, on fresh zero huge
+// pages, and from kSparseFreshMinBytes on with few experts written, on fresh zero 4 KiB pages (see above);
+// else on empty_on_huge_pages's memory with those experts zero-filled.
 inline at::Tensor expert_gradient(const Layout& layout, at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (static_cast<int64_t>(c10::multiply_integers(sizes) * options.dtype().itemsize()) >= kFreshPagesMinBytes) {
-    at::Tensor zeros = zeros_on_fresh_pages(sizes, options);
+  const auto bytes = static_cast<int64_t>(c10::multiply_integers(sizes) * options.dtype().itemsize());
+  int64_t written = 0;
+  for (int64_t e = 0; e < layout.num_experts; ++e) written += layout.tokens_per_expert[e] != 0;
+  const bool sparse = bytes >= kSparseFreshMinBytes && written * kSparseShare <= layout.num_experts;
+  if (bytes >= kFreshPagesMinBytes || sparse) {
+    at::Tensor zeros = zeros_on_fresh_pages(sizes, options, /*huge=*/bytes >= kFreshPagesMinBytes);
     if (zeros.defined()) return zeros;
   }
 #endif
