@@ -66,9 +66,7 @@ def routes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or weight.device.type != "cpu":
         return False
-    if torch.compiler.is_compiling() or grad_required(x, weight, bias) or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return forward_ad._current_level < 0 or all(t is None or forward_ad.unpack_dual(t).tangent is None for t in (x, weight, bias))
+    return not torch.compiler.is_compiling() and not grad_required(x, weight, bias) and _without_derivatives(x, weight, bias)
 
 
 def softmax_top_k(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,8 +99,12 @@ def runs_experts(*tensors: Tensor | None) -> bool:
     """
     if _C is None or tensors[0].device.type != "cpu":
         return False
-    if torch.compiler.is_compiling():
-        return True
+    return torch.compiler.is_compiling() or _without_derivatives(*tensors)
+
+
+def _without_derivatives(*tensors: Tensor | None) -> bool:
+    """No torch.func transform running and no forward-mode tangent on these tensors (the C++ ops have neither
+    a forward-mode formula nor a batching rule)."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return forward_ad._current_level < 0 or all(t is None or forward_ad.unpack_dual(t).tangent is None for t in tensors)

@@ -11,7 +11,6 @@
 // definition. No autograd: the router calls it only where no gradient is recorded. Rows are independent:
 // the same result for any thread count.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <vector>
