@@ -344,14 +344,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "must move and compute (bench/traffic.py states both). Launches = Triton kernels + PyTorch ops that "
         "launch a GPU kernel. MB = 10⁶ bytes.",
         "",
-        "| layer | T | pass | launches (Triton + PyTorch) | MB requested | MB minimum | × minimum | MMACs executed | MMACs useful | × useful |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| layer | T | pass | launches (Triton + PyTorch) | MB requested | MB minimum | × minimum | MMACs executed | MMACs useful | × useful | weight gradients × minimum |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
             f"| {row['config']} | {row['tokens']} | {row['pass']} | {row['launches']} ({row['triton_launches']} + "
             f"{row['torch_launches']}) | {_mb(row['bytes'])} | {_mb(row['min_bytes'])} | {row['bytes_ratio']:.2f} | "
-            f"{row['macs'] / 1e6:.3g} | {row['useful_macs'] / 1e6:.3g} | {row['macs_ratio'] if row['macs_ratio'] is not None else '-'} |"
+            f"{row['macs'] / 1e6:.3g} | {row['useful_macs'] / 1e6:.3g} | {row['macs_ratio'] if row['macs_ratio'] is not None else '-'} | "
+            f"{row.get('weight_grad_bytes_ratio', '-')} |"
         )
     lines += [
         "",
