@@ -252,7 +252,9 @@ def weight_grad_tiles(
     # 1/8 of an expert's rows (MACs executed ≤ 1.25× useful at μ ≥ 64, issue 11).
     rows_per_expert = num_tokens * k / max(num_experts, 1)
     block_m = min(64 if narrow else 32, max(16, _prev_power_of_2(rows_per_expert / 4)))
-    num_warps = 8 if block_n * block_k >= 128 * 128 else 4
+    # 8 warps from 16K accumulators, or from a side of 256 (the token side scaled by the routing weights is
+    # float32: Qwen3/8's 32 × 256 tile spilled 16 B on sm_90a with 4, compile audit).
+    num_warps = 8 if block_n * block_k >= 128 * 128 or max(block_n, block_k) >= 256 else 4
     tiles = GemmTiles(block_m, block_n, block_k, 1, False, 1, num_warps, 3)
     return _decided("weight_grad", shape, tiles)
 
