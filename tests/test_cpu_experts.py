@@ -7,6 +7,7 @@ Determinism is tested bitwise: 1 and 2 threads must give the very same bits (PLA
 """
 from __future__ import annotations
 
+import pathlib
 import zlib
 
 import pytest
@@ -114,6 +115,13 @@ def _bits(threads: int, dtype: torch.dtype):
         return [y, *grads.values()]
     finally:
         torch.set_num_threads(previous)
+
+
+def test_parallel_loops_are_compiled_in():
+    """The extension is built with OpenMP (setup.py's -fopenmp): at::parallel_for's loop is compiled into its
+    caller, and without the flag every loop of the CPU path ran on one thread (the thread-count tests passed
+    trivially)."""
+    assert b"GOMP_parallel" in pathlib.Path(native._C.__file__).read_bytes()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
