@@ -198,6 +198,7 @@ class TorchBackend:
         return 1  # torch._grouped_mm takes segments of any length
 
 
-# The two TorchBackends there are (stateless): built once, not on every layer call (~5 µs cold each).
+# The two TorchBackends there are (stateless; OFF_CPU serves every device but the CPU): built once, not on every
+# layer call (~5 µs cold each).
 ON_CPU = TorchBackend("cpu")
 OFF_CPU = TorchBackend("cuda")
