@@ -117,13 +117,6 @@ def _bits(threads: int, dtype: torch.dtype):
         torch.set_num_threads(previous)
 
 
-def test_parallel_loops_are_compiled_in():
-    """The extension is built with OpenMP (setup.py's -fopenmp): at::parallel_for's loop is compiled into its
-    caller, and without the flag every loop of the CPU path ran on one thread (the thread-count tests passed
-    trivially)."""
-    assert b"GOMP_parallel" in pathlib.Path(native._C.__file__).read_bytes()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_the_same_for_any_thread_count(dtype):
     one = _bits(1, dtype)
@@ -262,3 +255,10 @@ def test_fused_forward_bad_arguments_are_named(change, message):
         torch.ops.moe_kernels.cpu_experts_forward(
             values["x"], values["experts"], values["weights"], None, values["up_weight"], None, values["down_weight"],
             None, change.get("function", "silu"), True, 1.0, None, 0.0, False)
+
+
+def test_parallel_loops_are_compiled_in():
+    """The extension is built with OpenMP (setup.py's -fopenmp): at::parallel_for's loop is compiled into its
+    caller, and without the flag every loop of the CPU path ran on one thread (the thread-count tests passed
+    trivially)."""
+    assert b"GOMP_parallel" in pathlib.Path(native._C.__file__).read_bytes()
