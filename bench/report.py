@@ -55,8 +55,9 @@ def environment(device, dtype) -> dict:
     """Versions, machine and commit, so that a committed run says what produced it."""
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "moe_kernels"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    root = Path(__file__).parent.parent  # the pathspec below is relative to it
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "moe_kernels"], capture_output=True, text=True, cwd=root)
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",

@@ -1,6 +1,7 @@
 """The traffic meter: the work the layer's kernels do, counted on the CPU under the Triton interpreter.
 
-    TRITON_INTERPRET=1 python3 -m bench.traffic [--configs Qwen ...] [--tokens 1 16 64 512] [--dtype float16]
+    TRITON_INTERPRET=1 python3 -m bench.traffic [--configs Qwen ...] [--tokens 1 16 64 512 | --rows-per-expert 64]
+                                                [--dtype float16]
                                                 [--real | --scale 8] [--forward-only] [--out bench/results]
                                                 [--name STEM]
 
@@ -17,6 +18,10 @@ itself when unset) with hooks on the interpreter's loads, stores and dots:
   views and metadata-only ops (func.is_view, detach, set_, resize_, ...) and allocations (empty*) counts
   as one launch; ``aten._local_scalar_dense`` (.item(), a device-to-host copy) is counted as a host sync.
   Ops inside a Triton launch (the interpreter's own copies) are not counted.
+Two interpreter settings that change no count make it about twice as fast: inside a launch,
+triton.language is patched once per module (the interpreter patches it again at every call of a
+@triton.jit helper, with the same patches), and the interpreter's integer-overflow checks are off (as they
+are on a GPU unless the kernel is compiled with debug=True; they load and store nothing).
 Per layer (``layer_traffic``), against what the layer must do at least:
 - forward minimum: read x, the router logits (and noise logits for noisy top-k), each chosen expert's
   weights once (experts with at least one kept assignment); write y.
@@ -52,13 +57,14 @@ if __name__ == "__main__":  # the command line chooses the interpreter itself; a
 import argparse
 import datetime
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import triton
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
 
 from moe_kernels.pipeline import expert_capacity
@@ -169,12 +175,20 @@ class TrafficMeter(OpenCustomOps):
         meter = self
         run, load, store = InterpretedFunction.run, InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
         dot, rmw, cas = InterpreterBuilder.create_dot, InterpreterBuilder.create_atomic_rmw, InterpreterBuilder.create_atomic_cas
+        patch_lang, patched_modules = interpreter._patch_lang, set()  # ids of the jit functions' globals
+
+        def patch_lang_once(fn):  # the interpreter patches triton.language again at every @triton.jit call
+            if id(fn.__globals__) in patched_modules:  # already patched in this launch: the same patches
+                return interpreter._LangPatchScope()
+            patched_modules.add(id(fn.__globals__))
+            return patch_lang(fn)
 
         def counted_run(function, *args, grid, warmup, **kwargs):
             if warmup:
                 return run(function, *args, grid=grid, warmup=warmup, **kwargs)
             # Set before the interpreter copies the arguments, so that its own PyTorch ops are not counted.
             meter._current = KernelCount(function.fn.__name__, meter._section, (0, 0, 0))
+            patched_modules.clear()  # the launch restores triton.language when it ends
 
             def grid_spy(bound):
                 shape = tuple(grid(bound) if callable(grid) else grid)
@@ -210,6 +224,8 @@ class TrafficMeter(OpenCustomOps):
             return cas(builder, pointers, *args)
 
         for owner, name, value in (
+            (interpreter, "_patch_lang", patch_lang_once),
+            (interpreter.interpreter_builder, "options", replace(interpreter.interpreter_builder.options, sanitize_overflow=False)),
             (InterpretedFunction, "run", counted_run), (InterpreterBuilder, "create_masked_load", counted_load),
             (InterpreterBuilder, "create_masked_store", counted_store), (InterpreterBuilder, "create_dot", counted_dot),
             (InterpreterBuilder, "create_atomic_rmw", counted_rmw), (InterpreterBuilder, "create_atomic_cas", counted_cas),
@@ -328,14 +344,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "must move and compute (bench/traffic.py states both). Launches = Triton kernels + PyTorch ops that "
         "launch a GPU kernel. MB = 10⁶ bytes.",
         "",
-        "| layer | T | pass | launches (Triton + PyTorch) | MB requested | MB minimum | × minimum | MMACs executed | MMACs useful | × useful |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| layer | T | pass | launches (Triton + PyTorch) | MB requested | MB minimum | × minimum | MMACs executed | MMACs useful | × useful | weight gradients × minimum |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
             f"| {row['config']} | {row['tokens']} | {row['pass']} | {row['launches']} ({row['triton_launches']} + "
             f"{row['torch_launches']}) | {_mb(row['bytes'])} | {_mb(row['min_bytes'])} | {row['bytes_ratio']:.2f} | "
-            f"{row['macs'] / 1e6:.3g} | {row['useful_macs'] / 1e6:.3g} | {row['macs_ratio'] if row['macs_ratio'] is not None else '-'} |"
+            f"{row['macs'] / 1e6:.3g} | {row['useful_macs'] / 1e6:.3g} | {row['macs_ratio'] if row['macs_ratio'] is not None else '-'} | "
+            f"{row.get('weight_grad_bytes_ratio', '-')} |"
         )
     lines += [
         "",
@@ -357,7 +374,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m bench.traffic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", help="config names (substrings) from bench.configs.MODEL_CONFIGS")
-    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    sizes.add_argument("--rows-per-expert", nargs="+", type=int,
+                       help="instead of --tokens, per layer: T = rows · num_experts / k (T·k/E rows per expert)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--real", action="store_true", help="the published sizes instead of d_model, d_ff / 8 (slow)")
     parser.add_argument("--scale", type=int, default=bench_configs.CPU_SCALE,
@@ -368,6 +388,13 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _token_counts(config, args: argparse.Namespace) -> list[int]:
+    """``--tokens``, or the T that give ``config`` each of ``--rows-per-expert`` (T·k/E) rows per expert."""
+    if not args.rows_per_expert:
+        return args.tokens
+    return [per_expert * config.num_experts // config.k for per_expert in args.rows_per_expert]
+
+
 def main(argv=None) -> list[dict]:
     args = parse_arguments(argv)
     torch.set_num_threads(1)
@@ -375,12 +402,13 @@ def main(argv=None) -> list[dict]:
     configs = bench_configs.select(bench_configs.MODEL_CONFIGS, args.configs)
     if not args.real:
         configs = tuple(bench_configs.scaled_for_cpu(config, args.scale) for config in configs)
-    meta = {**environment(torch.device("cpu"), dtype), "configs": [asdict(c) for c in configs], "tokens": args.tokens}
+    meta = {**environment(torch.device("cpu"), dtype), "configs": [asdict(c) for c in configs], "tokens": args.tokens,
+            "rows_per_expert": args.rows_per_expert}
     stem = args.out / (args.name or f"traffic-{'real' if args.real else 'cpu'}-{datetime.date.today().isoformat()}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for config in configs:
-        for num_tokens in args.tokens:
+        for num_tokens in _token_counts(config, args):
             print(f"{config.name} T={num_tokens}", file=sys.stderr, flush=True)
             rows += layer_traffic(config, num_tokens, dtype, backward=not args.forward_only)
             body = ",\n".join(json.dumps(row) for row in rows)  # after each point: a killed run keeps what it did

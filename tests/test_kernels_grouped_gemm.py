@@ -111,8 +111,11 @@ CASES = [
     (150, 4, 16, 19, 37, "silu", 16, "sparse", 1.0),
     (40, 8, 8, 16, 32, "swiglu", 1, "uniform", None),
     (150, 2, 8, 19, 37, CLAMPED, 16, "uniform", None),
+    # Qwen3/8's widths at 32 rows per expert (prefill tiles): GEMM 2 reduces d_ff = 96 in steps of 32 (16-bit), and the
+    # weight-gradient tiles narrowed to 32 (or 64) columns of d_ff widen along d = 256 (tiles.weight_grad_tiles).
+    (64, 2, 4, 256, 96, "swiglu", 1, "uniform", None),
 ]
-CASE_IDS = ["T1", "k2-E8", "k8-E64", "skewed", "capacity-drops", "empty-experts+drops", "k-eq-E", "clamped-interleaved"]
+CASE_IDS = ["T1", "k2-E8", "k8-E64", "skewed", "capacity-drops", "empty-experts+drops", "k-eq-E", "clamped-interleaved", "narrow-d_ff"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -126,9 +126,10 @@ def _is_16_bit(dtype: torch.dtype) -> bool:
 
 
 def _column_block(width: int, widest: int) -> int:
-    """Columns per block across ``width``: ``widest`` (a power of two), halved (down to 32) while the last
-    block would be mostly padding, more than width/16 columns of MACs wasted (traffic meter: widths such as
-    GPT-OSS's d_ff 2880 = 22.5·128 or the CPU-scaled layers' 448; the bench layers' widths are multiples of 128)."""
+    """Columns (or reduction steps) per block across ``width``: ``widest`` (a power of two), halved (down to
+    32) while the last block would be mostly padding, more than width/16 columns of MACs wasted (traffic
+    meter: widths such as GPT-OSS's d_ff 2880 = 22.5·128, the CPU-scaled layers' 448, or Qwen3/8's d_ff 96
+    as GEMM 2's reduction; the published bench layers' widths are multiples of 128)."""
     block = min(widest, max(16, triton.next_power_of_2(width)))
     while block > 32 and 16 * (triton.cdiv(width, block) * block - width) > width:
         block //= 2
@@ -157,7 +158,8 @@ def row_gemm_tiles(
     - Prefill (μ ≥ 32): MMAs of sub_m = μ/4 rows rounded down to a power of two in [16, 128], which keeps
       the padding of a partial last MMA near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
       μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated; narrower where the last column
-      block would be mostly padding), GROUP_M = 8. The tile takes up to 2μ rows (sub_tiles MMAs of sub_m,
+      block would be mostly padding), reduction steps of 64 (32 where a reduction of 96 would be padded to
+      128: Qwen3/8's GEMM 2, Switch/8's GEMM 1), GROUP_M = 8. The tile takes up to 2μ rows (sub_tiles MMAs of sub_m,
       while their accumulators stay within the 128×128 of the widest tile), so that an expert of about
       average size reads each weight chunk once instead of once per sub_m rows (traffic meter, Mixtral/32
       at T = 256: 8 MMAs of 16 rows, the backward's weight reads 4.4× → 1×); on sm_90 only.
@@ -202,7 +204,7 @@ def row_gemm_tiles(
         sub_tiles = 1
     else:
         sub_m = min(128, max(16, _prev_power_of_2(rows_per_expert / 4)))
-        block_k = min(64 if narrow else 32, max(16, triton.next_power_of_2(n_in)))
+        block_k = _column_block(n_in, 64 if narrow else 32)
         block_n = _column_block(n_out, 128 // halves)
         split_k = 1
         group_m = 8
@@ -229,18 +231,30 @@ def weight_grad_tiles(
     block_n × block_k is the output tile (n_row × n_tok), block_m the rows summed per step. Each program
     reads its expert's rows once per output tile, so the inputs are re-read n_tok/block_k and n_row/block_n
     times: 128×128 output tiles for 16-bit inputs keep that low (traffic meter), 64×64 for 4-byte ones
-    (registers), narrower where a last block would be mostly padding.
+    (registers), narrower where a last block would be mostly padding, the other side then wider.
     """
     shape = dict(num_tokens=num_tokens, k=k, num_experts=num_experts, n_row=n_row, n_tok=n_tok, dtype=dtype, arch=arch)
     narrow = _is_16_bit(dtype)
     wide_tile = 128 if narrow else 64
     block_n = _column_block(n_row, wide_tile)
     block_k = _column_block(n_tok, wide_tile)
+    # A side narrowed to avoid padding (Qwen3/8's d_ff 96: blocks of 32) leaves accumulators unused: the
+    # other side widens into them (Qwen3/8's n_tok 256 in one block, so hidden and d(pre) are read once),
+    # while that adds no padding.
+    while block_n * block_k < wide_tile * wide_tile:
+        if _column_block(n_tok, 2 * block_k) == 2 * block_k:
+            block_k *= 2
+        elif _column_block(n_row, 2 * block_n) == 2 * block_n:
+            block_n *= 2
+        else:
+            break
     # Rows summed per step: μ/4 as the row GEMMs' block_m, so that the last step's padding rows stay near
     # 1/8 of an expert's rows (MACs executed ≤ 1.25× useful at μ ≥ 64, issue 11).
     rows_per_expert = num_tokens * k / max(num_experts, 1)
     block_m = min(64 if narrow else 32, max(16, _prev_power_of_2(rows_per_expert / 4)))
-    num_warps = 8 if block_n * block_k >= 128 * 128 else 4
+    # 8 warps from 16K accumulators, or from a side of 256 (the token side scaled by the routing weights is
+    # float32: Qwen3/8's 32 × 256 tile spilled 16 B on sm_90a with 4, compile audit).
+    num_warps = 8 if block_n * block_k >= 128 * 128 or max(block_n, block_k) >= 256 else 4
     tiles = GemmTiles(block_m, block_n, block_k, 1, False, 1, num_warps, 3)
     return _decided("weight_grad", shape, tiles)
 
