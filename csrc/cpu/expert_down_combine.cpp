@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
       for (int64_t item = begin; item < end; ++item) {
         const cpu::SliceItem& tile = u_items[item];
         const int64_t count = tile.row_end - tile.row_begin, width = tile.end - tile.begin;
-        if (stream_u) {
+        if (stream_u && count < cpu::kSplitRows) {
           const cpu::SliceItem* next = item + 1 < end ? &u_items[item + 1] : nullptr;
           cpu::stream_gemm(count, width, d, dy_rows.const_data_ptr<float>() + tile.row_begin * d, d,
                            down_weight.const_data_ptr<float>() + tile.expert * down_weight.stride(0) + tile.begin,
@@ -242,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
         }
         const at::Tensor hidden_block = cpu::matrix(row_data + start * rows.stride(0), count, d_ff, rows.stride(0), 1, dtype);
         at::Tensor target = grad_down_weight.select(0, e).narrow(0, first, width);
-        if (stream_weight_gradient && count <= cpu::kStreamRows) {
+        if (stream_weight_gradient && cpu::streams_gradient(count, d_ff)) {
           cpu::stream_gemm_transposed_a(width, d_ff, count, weighted.const_data_ptr<float>(), width,
                                         rows.const_data_ptr<float>() + start * rows.stride(0), rows.stride(0),
                                         target.data_ptr<float>(), d_ff);

@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
         const cpu::SliceItem& tile = dx_items[item];
         const int64_t rows = tile.row_end - tile.row_begin, width = tile.end - tile.begin;
         opmath_t* dx_rows = row_dx_data + tile.row_begin * d + tile.begin;
-        if (stream_dx) {
+        if (stream_dx && rows < cpu::kSplitRows) {
           const cpu::SliceItem* next = item + 1 < end ? &dx_items[item + 1] : nullptr;
           cpu::stream_gemm(rows, width, n_up, grad_pre.const_data_ptr<float>() + tile.row_begin * n_up, n_up,
                            up_weight.const_data_ptr<float>() + tile.expert * up_weight.stride(0) + tile.begin,
@@ -281,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
         const at::Tensor gathered = cpu::matrix(gathered_data + start * d, rows, d, d, 1, dtype);
         const at::Tensor grad_block = cpu::matrix(grad_pre_data + start * n_up + first, rows, width, n_up, 1, dtype);
         at::Tensor target = grad_up_weight.select(0, e).narrow(0, first, width);
-        if (stream_weight_gradient && rows <= cpu::kStreamRows) {
+        if (stream_weight_gradient && cpu::streams_gradient(rows, d)) {
           cpu::stream_gemm_transposed_a(width, d, rows, grad_pre.const_data_ptr<float>() + start * n_up + first, n_up,
                                         gathered_x.const_data_ptr<float>() + start * d, d, target.data_ptr<float>(), d);
         } else if (grad_up_weight.scalar_type() == dtype) {

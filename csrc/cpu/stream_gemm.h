@@ -12,9 +12,10 @@
 //     line; the optimizer reads the gradient long after the backward).
 // Qwen3-30B-A3B/8 shapes, 128 experts of ~16 rows, caches flushed, 1 thread, ms MKL -> here: dx rows
 // [16, 192]·[192, 256] 6.2 -> 4.0, u [16, 256]·[256, 96] 3.4 -> 2.2, grad_up_weight [192, 16]·[16, 256] 7.1
-// -> 4.6, grad_down_weight [256, 16]·[16, 96] 4.1 -> 2.2. A long depth (Mixtral-8x7B/8's dx rows, depth
-// 3584) re-reads its column strip of the weight from L2 for every 6 rows: MKL's blocking wins there (28 vs
-// 45 ms), hence kStreamDepth.
+// -> 4.6, grad_down_weight [256, 16]·[16, 96] 4.1 -> 2.2. The ops use these for row tiles below kSplitRows
+// rows (experts.h): at 64 rows (Mixtral-8x7B/8, main-8e-top2 at T = 256) MKL's packing pays for itself and
+// the two run alike. A long depth (Mixtral-8x7B/8's dx rows, depth 3584) re-reads its column strip of the
+// weight from L2 for every 6 rows: MKL's blocking wins there (28 vs 45 ms), hence kStreamDepth.
 //
 // Every output element is one fused multiply-add chain over k in increasing order, whatever the tile it
 // falls in: bitwise the same for any thread count and any split of the columns into work items.
@@ -26,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -185,10 +187,11 @@ inline Prefetcher weight_columns(const at::Tensor& weight, int64_t expert, int64
   return Prefetcher(data, weight.size(1), (end - begin) * 4, weight.stride(1) * 4);
 }
 
-// Rows of an expert up to which its weight gradient is stream_gemm_transposed_a's: b [rows, p] (the expert's
-// gathered inputs), read again for every 6 rows of the gradient, then stays in L2 (Mixtral-8x7B/8's 64 rows
-// of 512: 128 KiB).
-constexpr int64_t kStreamRows = 128;
+// Whether an expert's weight gradient [n, p] from `depth` rows is stream_gemm_transposed_a's: while its
+// packed b (depth × p floats) fits L1 (32 KiB), which every row block of the gradient reads again. Above,
+// MKL's blocking wins: main-64e-top8's grad_up_weight (32 rows × 512) 0.84× MKL here, Qwen3-30B-A3B/8's
+// (16 × 256) 1.4×, main-64e-top8's grad_down_weight (32 × 128) 1.5×.
+inline bool streams_gradient(int64_t depth, int64_t p) { return depth * p * int64_t{sizeof(float)} <= int64_t{32} << 10; }
 
 // c[m, n] = a[m, depth] · b[depth, n], float32, every matrix row-major with row strides lda, ldb, ldc (b is
 // an expert's weight, or a slice of its columns, read in place). `next` (the next work item's weight) is
@@ -214,10 +217,24 @@ inline void stream_gemm_transposed_a(int64_t n, int64_t p, int64_t depth, const 
                                      int64_t ldb, float* c, int64_t ldc) {
   using namespace detail;
   const bool stream = reinterpret_cast<uintptr_t>(c) % 32 == 0 && ldc % FloatVec::size() == 0;
+  // b's column strips packed [strips][depth][kBlockColumns] (zeros past p), and a row block's columns of a
+  // [depth][kBlockRows]: unit-stride operands whatever the row strides, which are often 2^k floats and would
+  // map a strip's depth lines onto a few L1 sets (Mixtral-8x7B/8's 64 rows at 2 KiB and 14 KiB strides).
+  const int64_t strips = (p + kBlockColumns - 1) / kBlockColumns;
+  std::vector<float> b_strips(strips * depth * kBlockColumns, 0.f), a_block(depth * kBlockRows);
+  for (int64_t k = 0; k < depth; ++k) {
+    for (int64_t s = 0; s < strips; ++s) {
+      std::copy_n(b + k * ldb + s * kBlockColumns, std::min(kBlockColumns, p - s * kBlockColumns),
+                  b_strips.data() + (s * depth + k) * kBlockColumns);
+    }
+  }
   for (int64_t i = 0; i < n; i += kBlockRows) {
-    for (int64_t j = 0; j < p; j += kBlockColumns) {
-      dispatch_rows<TransposedBlock>(std::min(kBlockRows, n - i), depth, std::min(kBlockColumns, p - j), a + i, lda,
-                                     b + j, ldb, c + i * ldc + j, ldc, stream);
+    const int64_t rows = std::min(kBlockRows, n - i);
+    for (int64_t k = 0; k < depth; ++k) std::copy_n(a + k * lda + i, rows, a_block.data() + k * kBlockRows);
+    for (int64_t s = 0; s < strips; ++s) {
+      dispatch_rows<TransposedBlock>(rows, depth, std::min(kBlockColumns, p - s * kBlockColumns), a_block.data(),
+                                     kBlockRows, b_strips.data() + s * depth * kBlockColumns, kBlockColumns,
+                                     c + i * ldc + s * kBlockColumns, ldc, stream);
     }
   }
 #if defined(CPU_CAPABILITY_AVX2)
