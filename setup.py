@@ -35,9 +35,13 @@ def _cpu_capability_flags() -> list[str]:
 def _extensions():
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-Wno-unknown-pragmas", *_cpu_capability_flags()]  # the -std that torch requires comes from cpp_extension
+    # -fopenmp: at::parallel_for is an OpenMP loop compiled into its caller (ATen/ParallelOpenMP.h). Without the
+    # flag its pragma was dropped (-Wno-unknown-pragmas hid it) and every loop of the CPU expert path ran on one
+    # thread whatever torch.set_num_threads said. The library needs libgomp.so.1: the one torch has loaded.
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", *_cpu_capability_flags()]  # -std comes from cpp_extension
     sources = ["csrc/ops.cpp", *_sources("csrc/cpu/*.cpp")]
-    return [cpp_extension.CppExtension("moe_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
+    return [cpp_extension.CppExtension("moe_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                       extra_link_args=["-fopenmp"])]
 
 
 def _cmdclass():

@@ -36,6 +36,11 @@ TORCH_LIBRARY(moe_kernels, m) {
       "cpu_expert_down_combine_backward(Tensor grad_y, Tensor hidden, Tensor down_weight, Tensor? down_bias, "
       "Tensor tokens_per_expert, Tensor expert_offsets, Tensor sorted_rows, Tensor sorted_assignments, "
       "Tensor weights) -> (Tensor grad_hidden, Tensor grad_down_weight, Tensor grad_down_bias, Tensor grad_weights)");
+  // The three forward stages above in one op, for calls that record no gradient (no autograd formula).
+  m.def(
+      "cpu_experts_forward(Tensor x, Tensor experts, Tensor weights, SymInt? capacity, Tensor up_weight, "
+      "Tensor? up_bias, Tensor down_weight, Tensor? down_bias, str function, bool gated, float alpha, float? limit, "
+      "float up_offset, bool interleaved) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
@@ -45,4 +50,5 @@ TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("cpu_expert_up_backward", &moe_kernels::cpu_expert_up_backward);
   m.impl("cpu_expert_down_combine", &moe_kernels::cpu_expert_down_combine);
   m.impl("cpu_expert_down_combine_backward", &moe_kernels::cpu_expert_down_combine_backward);
+  m.impl("cpu_experts_forward", &moe_kernels::cpu_experts_forward);
 }

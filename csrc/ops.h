@@ -42,6 +42,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
     const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets,
     const at::Tensor& sorted_rows, const at::Tensor& sorted_assignments, const at::Tensor& weights);
 
+// The whole expert path where no gradient is recorded (csrc/cpu/experts_forward.cpp): permute(experts
+// [T, S] i32, E, capacity, block_m=1), then cpu_expert_up and cpu_expert_down_combine: y [T, d] in x's dtype.
+at::Tensor cpu_experts_forward(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                               std::optional<int64_t> capacity, const at::Tensor& up_weight,
+                               const std::optional<at::Tensor>& up_bias, const at::Tensor& down_weight,
+                               const std::optional<at::Tensor>& down_bias, std::string_view function, bool gated,
+                               double alpha, std::optional<double> limit, double up_offset, bool interleaved);
+
 // The softmax top-k router (csrc/cpu/softmax_topk.cpp; semantics: routers/softmax_topk.py) on x [T, d] with
 // weight [E, d] and bias [E] of x's dtype: (logits [T, E], weights [T, k] in x's dtype, experts [T, k] int32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_softmax_topk(const at::Tensor& x, const at::Tensor& weight,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import checks, pipeline
+from . import checks
 from .activations import Activation, resolve
 from .backends import resolve as resolve_backend
 
@@ -46,10 +46,9 @@ def experts_forward(
     recompute_pre_activation = checks.boolean("recompute_pre_activation", recompute_pre_activation)
     stages = resolve_backend(backend, x.device, x.dtype)
     router_dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 x
-    permutation = stages.permute(experts.to(torch.int32), up_weight.shape[0], capacity)
-    return pipeline.run_experts(
-        stages, x, permutation, weights.to(router_dtype), up_weight, up_bias, down_weight, down_bias, activation,
-        recompute_pre_activation,
+    return stages.routed_experts(
+        x, experts.to(torch.int32), weights.to(router_dtype), capacity, up_weight, up_bias, down_weight, down_bias,
+        activation, recompute_pre_activation,
     )
 
 

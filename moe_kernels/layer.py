@@ -55,19 +55,24 @@ class MoE(MoEBase):
 
     def _experts_output(self, tokens: Tensor, routing: Routing, sequence_length: int, backend: Backend) -> Tensor:
         num_tokens, slots = routing.experts.shape
+        experts = self.experts
+        activation = resolve_activation(self.activation)
+        if routing.expert_tokens is None and self.expert_capacity is None:
+            capacity = pipeline.expert_capacity(self.capacity_ratio, num_tokens, slots, self.num_experts)
+            return backend.routed_experts(
+                tokens, routing.experts, routing.weights, capacity, experts.up_weight, experts.up_bias,
+                experts.down_weight, experts.down_bias, activation, self.recompute_pre_activation,
+            )  # fmt: skip
         if routing.expert_tokens is not None:
             block_m = backend.block_m(num_tokens, slots, self.num_experts)
             permutation = pipeline.expert_choice_permutation(routing.expert_tokens, num_tokens, block_m)
         else:
-            kept = None
-            if self.expert_capacity is not None:
-                kept = pipeline.sequence_kept(routing.experts, sequence_length, self.expert_capacity)
+            kept = pipeline.sequence_kept(routing.experts, sequence_length, self.expert_capacity)
             capacity = pipeline.expert_capacity(self.capacity_ratio, num_tokens, slots, self.num_experts)
             permutation = pipeline.permute(backend, routing.experts, self.num_experts, capacity, kept)
         return pipeline.run_experts(
-            backend, tokens, permutation, routing.weights, self.experts.up_weight, self.experts.up_bias,
-            self.experts.down_weight, self.experts.down_bias, resolve_activation(self.activation),
-            self.recompute_pre_activation,
+            backend, tokens, permutation, routing.weights, experts.up_weight, experts.up_bias, experts.down_weight,
+            experts.down_bias, activation, self.recompute_pre_activation,
         )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import checks, routers
 from .activations import Activation, activate, resolve
 from .pipeline import Backend, capacity_ratio
-from .routers.base import Routing, autocast_dtype, uniform_, without_autocast
+from .routers.base import Routing, autocast_anywhere, autocast_dtype, uniform_
 
 AUX_LOSS_MODES = ("attach", "manual")
 
@@ -226,22 +226,27 @@ class MoEBase(nn.Module):
         """x [..., d_model] of any float dtype → y of the same shape and dtype (autocast's dtype under autocast);
         sets ``aux_loss``."""
         self._check_input(x)
-        tokens = x.reshape(-1, self.d_model)
+        tokens = x if x.dim() == 2 else x.reshape(-1, self.d_model)
         sequence_length = x.shape[-2] if x.dim() >= 3 else tokens.shape[0]
         # Under autocast the experts compute in its dtype, as its matmuls would (float64 is left alone, as
         # autocast does); the router computes in float32 on the tokens as they are.
-        device_type = x.device.type
-        autocast_to = autocast_dtype(device_type)
+        autocast_to = autocast_dtype(x.device.type) if autocast_anywhere() else None
         if autocast_to is not None and x.dtype != torch.float64:
             expert_tokens = tokens.to(autocast_to)
         else:
             expert_tokens = tokens
         backend = self._backend(expert_tokens)
         routing = self._take_aux_loss(self.gate(tokens, use_kernel=None if backend is None else backend.fused_routing))
-        with without_autocast(device_type):
-            y = self._experts_output(expert_tokens, routing, sequence_length, backend)
-            y = self._add_shared_expert(expert_tokens, y)
-        return y.view(*x.shape[:-1], self.d_model)
+        if autocast_to is None:
+            return self._output(x, expert_tokens, routing, sequence_length, backend)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._output(x, expert_tokens, routing, sequence_length, backend)
+
+    def _output(self, x: Tensor, tokens: Tensor, routing: Routing, sequence_length: int, backend: Backend | None) -> Tensor:
+        """The routed experts' and the shared expert's output for tokens [T, d], shaped as x, autocast off."""
+        y = self._experts_output(tokens, routing, sequence_length, backend)
+        y = self._add_shared_expert(tokens, y)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.d_model)
 
     def _backend(self, x: Tensor) -> Backend | None:
         """The pipeline backend this layer runs x on (None: the reference's loop)."""
@@ -264,7 +269,8 @@ class MoEBase(nn.Module):
         to the weights (``AttachAuxLoss``)."""
         aux_loss = routing.aux_loss
         if aux_loss is None or self.aux_loss_mode == "manual":
-            self.aux_loss = aux_loss
+            if aux_loss is not None or self.aux_loss is not None:  # nn.Module.__setattr__ costs ~15 µs cold
+                self.aux_loss = aux_loss
             return routing
         self.aux_loss = aux_loss.detach()
         if not aux_loss.requires_grad:

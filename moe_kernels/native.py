@@ -62,9 +62,9 @@ def routes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether the C++ router kernel takes x·weightᵀ + bias: built, CPU, all float32 or all float64 (else the
     definition's casts apply), eager, no gradient recorded and no forward-mode AD (it has no derivative;
     torch.compile traces the PyTorch definition)."""
-    if _C is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if _C is None or not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
         return False
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or weight.device.type != "cpu":
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or not weight.is_cpu:
         return False
     return not torch.compiler.is_compiling() and not grad_required(x, weight, bias) and _without_derivatives(x, weight, bias)
 
@@ -97,7 +97,7 @@ def runs_experts(*tensors: Tensor | None) -> bool:
     They have no forward-mode formula: under torch.func transforms (jvp, and vmap, which they cannot batch)
     and inside a forward_ad.dual_level with dual inputs, the PyTorch stages run instead, which have.
     """
-    if _C is None or tensors[0].device.type != "cpu":
+    if _C is None or not tensors[0].is_cpu:
         return False
     return torch.compiler.is_compiling() or _without_derivatives(*tensors)
 
@@ -143,6 +143,26 @@ def expert_down_combine(hidden: Tensor, down_weight: Tensor, down_bias: Tensor |
     down_weight, down_bias and weights."""
     return _call(torch.ops.moe_kernels.cpu_expert_down_combine, hidden, down_weight, down_bias, *permutation, weights,
                  recorded=grad_required(hidden, down_weight, down_bias, weights))
+
+
+def fuses_experts(*tensors: Tensor | None) -> bool:
+    """Whether moe_kernels::cpu_experts_forward (the three expert stages in one op, no autograd formula) takes
+    this call: built, CPU tensors, eager, nothing records a gradient and no forward-mode AD."""
+    if _C is None or not tensors[0].is_cpu or torch.compiler.is_compiling():
+        return False
+    return not grad_required(*tensors) and _without_derivatives(*tensors)
+
+
+def experts_forward(x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None, up_weight: Tensor,
+                    up_bias: Tensor | None, down_weight: Tensor, down_bias: Tensor | None, activation: Activation) -> Tensor:
+    """Backend.routed_experts by the fused C++ op (where ``fuses_experts``): y [T, d] in x's dtype, bitwise what
+    permute, expert_up and expert_down_combine give."""
+    return torch.ops.moe_kernels.cpu_experts_forward(x, experts, weights, capacity, up_weight, up_bias, down_weight,
+                                                     down_bias, *_activation_fields(activation))
+
+
+def _experts_forward_fake(x, experts, weights, capacity, up_weight, up_bias, down_weight, down_bias, *activation_fields):
+    return x.new_empty(x.shape[0], down_weight.shape[1])
 
 
 def _expert_up_fake(x, up_weight, up_bias, tokens_per_expert, expert_offsets, sorted_rows, sorted_assignments,
@@ -201,6 +221,7 @@ if _C is not None:
     torch.library.register_fake("moe_kernels::cpu_expert_up_backward", _expert_up_backward_fake)
     torch.library.register_fake("moe_kernels::cpu_expert_down_combine", _expert_down_combine_fake)
     torch.library.register_fake("moe_kernels::cpu_expert_down_combine_backward", _expert_down_combine_backward_fake)
+    torch.library.register_fake("moe_kernels::cpu_experts_forward", _experts_forward_fake)
     torch.library.register_autograd("moe_kernels::cpu_expert_up", _expert_up_backward,
                                     setup_context=_expert_up_setup_context)
     torch.library.register_autograd("moe_kernels::cpu_expert_down_combine", _expert_down_combine_backward,

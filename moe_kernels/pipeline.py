@@ -111,6 +111,16 @@ class Backend(Protocol):
         hidden's dtype, accumulated in weights' dtype and summed over S in a fixed order (deterministic).
         """
 
+    def routed_experts(
+        self, x: Tensor, experts: Tensor, weights: Tensor, capacity: int | None, up_weight: Tensor,
+        up_bias: Tensor | None, down_weight: Tensor, down_bias: Tensor | None, activation: Activation,
+        recompute_pre_activation: bool = False,
+    ) -> Tensor:
+        """permute, expert_up and expert_down_combine of x [T, d] routed to experts [T, S] int32 with weights
+        [T, S]: y [T, d] in x's dtype, bitwise what the three stages give. A backend may run them as one fused
+        call where that is faster (where no gradient is recorded, say); else ``run_routed_experts``.
+        """
+
 
 def sequence_kept(experts: Tensor, sequence_length: int, capacity: int) -> Tensor:
     """[T, S] bool: the assignments that fit an absolute per-sequence capacity (Hugging Face's Switch
@@ -175,6 +185,27 @@ def expert_choice_permutation(expert_tokens: Tensor, num_tokens: int, block_m: i
         expert_offsets=torch.cat([expert_offsets, expert_offsets.new_full((1,), num_experts * segment)]),
         sorted_rows=sorted_rows.view(num_tokens, num_experts),
         sorted_assignments=sorted_assignments,
+    )
+
+
+def run_routed_experts(
+    backend: Backend,
+    x: Tensor,
+    experts: Tensor,
+    weights: Tensor,
+    capacity: int | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    activation: Activation,
+    recompute_pre_activation: bool = False,
+) -> Tensor:
+    """Backend.routed_experts by the backend's stages: its permute of experts [T, S] into up_weight's E experts
+    with ``capacity``, then ``run_experts``."""
+    permutation = backend.permute(experts, up_weight.shape[0], capacity)
+    return run_experts(
+        backend, x, permutation, weights, up_weight, up_bias, down_weight, down_bias, activation, recompute_pre_activation
     )
 
 

@@ -310,3 +310,21 @@ def test_layer_without_grad_matches_reference(router, k, capacity_factor):
     with torch.no_grad():
         torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-6)
     assert fast.aux_loss is None and reference.aux_loss is None  # eval without gradients: not computed
+
+
+@requires_native
+@pytest.mark.parametrize("expert_capacity,router", [(None, "topk"), (None, "expert_choice"), (4, "topk")])
+def test_layer_takes_the_fused_expert_op_only_where_no_gradient_is_recorded(expert_capacity, router, monkeypatch):
+    """cpu_experts_forward (permute + both expert stages in one op) for a top-k routing without gradients; the
+    stages with gradients, and for the permutations it does not make (expert choice, per-sequence capacity)."""
+    layer = MoE(16, 24, 8, k=2, router=router, expert_capacity=expert_capacity, backend="torch").eval()
+    calls = []
+    fused = native.experts_forward
+    monkeypatch.setattr(native, "experts_forward", lambda *args: calls.append(args) or fused(*args))
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        without_grad = layer(x)
+    assert len(calls) == (1 if expert_capacity is None and router == "topk" else 0)
+    with_grad = layer(x)
+    assert len(calls) == (1 if expert_capacity is None and router == "topk" else 0) and with_grad.requires_grad
+    assert torch.equal(without_grad, with_grad)

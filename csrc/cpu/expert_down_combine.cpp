@@ -18,6 +18,7 @@
 
 #include "../ops.h"
 #include "direct_gemm.h"
+#include "expert_stages.h"
 #include "experts.h"
 #include "huge_pages.h"
 #include "stream_gemm.h"
@@ -27,6 +28,8 @@ namespace {
 
 constexpr const char* kForward = "moe_kernels::cpu_expert_down_combine";
 constexpr const char* kBackward = "moe_kernels::cpu_expert_down_combine_backward";
+
+}  // namespace
 
 void check_down(const char* op, const at::Tensor& hidden, const at::Tensor& down_weight,
                 const std::optional<at::Tensor>& down_bias, const at::Tensor& weights, const cpu::Layout& layout) {
@@ -51,6 +54,8 @@ void check_down(const char* op, const at::Tensor& hidden, const at::Tensor& down
               weights.scalar_type());
 }
 
+namespace {
+
 // Expert e's down bias in opmath, columns [first, first + width) (zeros without a bias).
 template <typename opmath_t>
 void load_bias(const std::optional<at::Tensor>& bias, int64_t expert, int64_t first, std::vector<opmath_t>& out) {
@@ -62,17 +67,14 @@ void load_bias(const std::optional<at::Tensor>& bias, int64_t expert, int64_t fi
 
 }  // namespace
 
-at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& down_weight,
-                                   const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert,
-                                   const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
-                                   const at::Tensor& sorted_assignments, const at::Tensor& weights) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const cpu::Layout layout = cpu::check_layout(kForward, tokens_per_expert, expert_offsets, sorted_rows,
-                                               sorted_assignments, down_weight.size(0));
-  check_down(kForward, hidden, down_weight, down_bias, weights, layout);
+namespace cpu {
+
+at::Tensor expert_down_combine_forward(const at::Tensor& hidden, const at::Tensor& down_weight,
+                                       const std::optional<at::Tensor>& down_bias, const Layout& layout,
+                                       const at::Tensor& weights) {
   const at::ScalarType dtype = hidden.scalar_type();
   const int64_t d = down_weight.size(1), d_ff = down_weight.size(2);
-  const at::Tensor rows = cpu::unit_stride_rows(hidden);
+  const at::Tensor rows = unit_stride_rows(hidden);
   at::Tensor y_sum = at::empty({layout.num_tokens, d}, hidden.options().dtype(weights.scalar_type()));
   std::memset(y_sum.data_ptr(), 0, y_sum.nbytes());  // not at::zeros: its TensorIterator fill is cold code at T = 1
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
@@ -127,6 +129,19 @@ at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& d
     });
   });
   return y_sum.scalar_type() == dtype ? y_sum : y_sum.to(dtype);
+}
+
+}  // namespace cpu
+
+at::Tensor cpu_expert_down_combine(const at::Tensor& hidden, const at::Tensor& down_weight,
+                                   const std::optional<at::Tensor>& down_bias, const at::Tensor& tokens_per_expert,
+                                   const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
+                                   const at::Tensor& sorted_assignments, const at::Tensor& weights) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const cpu::Layout layout = cpu::check_layout(kForward, tokens_per_expert, expert_offsets, sorted_rows,
+                                               sorted_assignments, down_weight.size(0));
+  check_down(kForward, hidden, down_weight, down_bias, weights, layout);
+  return cpu::expert_down_combine_forward(hidden, down_weight, down_bias, layout, weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combine_backward(

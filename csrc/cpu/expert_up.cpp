@@ -21,6 +21,7 @@
 #include "../ops.h"
 #include "activation.h"
 #include "direct_gemm.h"
+#include "expert_stages.h"
 #include "experts.h"
 #include "huge_pages.h"
 #include "stream_gemm.h"
@@ -31,11 +32,7 @@ namespace {
 constexpr const char* kForward = "moe_kernels::cpu_expert_up";
 constexpr const char* kBackward = "moe_kernels::cpu_expert_up_backward";
 
-struct UpShapes {
-  int64_t d;       // model width
-  int64_t n_up;    // columns of GEMM 1: 2 d_ff gated, d_ff otherwise
-  int64_t d_ff;
-};
+}  // namespace
 
 UpShapes check_up(const char* op, const at::Tensor& x, const at::Tensor& up_weight,
                   const std::optional<at::Tensor>& up_bias, const cpu::Activation& activation) {
@@ -53,6 +50,8 @@ UpShapes check_up(const char* op, const at::Tensor& x, const at::Tensor& up_weig
   }
   return {x.size(1), n_up, activation.gated ? n_up / 2 : n_up};
 }
+
+namespace {
 
 // Column j of the gate (or of the ungated pre-activation) and of the up half in a pre-activation row.
 struct GateUpColumns {
@@ -72,24 +71,18 @@ void load_bias(const std::optional<at::Tensor>& bias, int64_t expert, std::vecto
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
-    const at::Tensor& x, const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
-    const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
-    const at::Tensor& sorted_assignments, std::string_view function, bool gated, double alpha,
-    std::optional<double> limit, double up_offset, bool interleaved, bool keep_pre_activation) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const cpu::Activation activation = cpu::make_activation(kForward, function, gated, alpha, limit, up_offset, interleaved);
-  const auto [d, n_up, d_ff] = check_up(kForward, x, up_weight, up_bias, activation);
-  const cpu::Layout layout = cpu::check_layout(kForward, tokens_per_expert, expert_offsets, sorted_rows,
-                                               sorted_assignments, up_weight.size(0));
-  TORCH_CHECK(layout.num_tokens == x.size(0), kForward, ": sorted_rows has ", layout.num_tokens,
-              " tokens but x has ", x.size(0));
-  const at::Tensor tokens = cpu::unit_stride_rows(x);
+namespace cpu {
+
+void expert_up_forward(const at::Tensor& x, const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
+                       const Layout& layout, const Activation& activation, at::Tensor& hidden,
+                       at::Tensor* pre_activation) {
+  const bool keep_pre_activation = pre_activation != nullptr;
+  const int64_t d = x.size(1), n_up = up_weight.size(1), d_ff = hidden.size(1);
+  const bool gated = activation.gated, interleaved = activation.interleaved;
+  const at::Tensor tokens = unit_stride_rows(x);
   const at::ScalarType dtype = x.scalar_type();
-  at::Tensor hidden = cpu::empty_on_huge_pages({layout.num_rows, d_ff}, x.options());
-  at::Tensor pre_activation = cpu::empty_on_huge_pages({keep_pre_activation ? layout.num_rows : 0, n_up}, x.options());
-  cpu::zero_padding_rows(layout, hidden);
-  if (keep_pre_activation) cpu::zero_padding_rows(layout, pre_activation);
+  zero_padding_rows(layout, hidden);
+  if (keep_pre_activation) zero_padding_rows(layout, *pre_activation);
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
   const GateUpColumns columns{gated, interleaved, d_ff};
@@ -99,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
     const scalar_t* token_data = tokens.const_data_ptr<scalar_t>();
     const int64_t token_stride = tokens.stride(0);
     scalar_t* hidden_data = hidden.data_ptr<scalar_t>();
-    scalar_t* kept_data = keep_pre_activation ? pre_activation.data_ptr<scalar_t>() : nullptr;
+    scalar_t* kept_data = keep_pre_activation ? pre_activation->data_ptr<scalar_t>() : nullptr;
     const bool direct = cpu::direct_weights(up_weight, dtype);
     const scalar_t* weight_data = direct ? static_cast<const scalar_t*>(up_weight.const_data_ptr()) : nullptr;
     cpu::parallel_items(static_cast<int64_t>(tiles.size()), [&](int64_t begin, int64_t end) {
@@ -148,6 +141,25 @@ std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
       }
     });
   });
+}
+
+}  // namespace cpu
+
+std::tuple<at::Tensor, at::Tensor> cpu_expert_up(
+    const at::Tensor& x, const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& tokens_per_expert, const at::Tensor& expert_offsets, const at::Tensor& sorted_rows,
+    const at::Tensor& sorted_assignments, std::string_view function, bool gated, double alpha,
+    std::optional<double> limit, double up_offset, bool interleaved, bool keep_pre_activation) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const cpu::Activation activation = cpu::make_activation(kForward, function, gated, alpha, limit, up_offset, interleaved);
+  const auto [d, n_up, d_ff] = check_up(kForward, x, up_weight, up_bias, activation);
+  const cpu::Layout layout = cpu::check_layout(kForward, tokens_per_expert, expert_offsets, sorted_rows,
+                                               sorted_assignments, up_weight.size(0));
+  TORCH_CHECK(layout.num_tokens == x.size(0), kForward, ": sorted_rows has ", layout.num_tokens,
+              " tokens but x has ", x.size(0));
+  at::Tensor hidden = cpu::empty_on_huge_pages({layout.num_rows, d_ff}, x.options());
+  at::Tensor pre_activation = cpu::empty_on_huge_pages({keep_pre_activation ? layout.num_rows : 0, n_up}, x.options());
+  cpu::expert_up_forward(x, up_weight, up_bias, layout, activation, hidden, keep_pre_activation ? &pre_activation : nullptr);
   return {hidden, pre_activation};
 }
 

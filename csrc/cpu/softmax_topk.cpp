@@ -2,9 +2,10 @@
 // (semantics: routers/softmax_topk.py, ranking rule: routers/base.py's top_k).
 //
 // The PyTorch definition is ~12 ATen calls from Python (the linear, a sort or top-k on integer keys, gather,
-// softmax or logsumexp, casts). Here the logits and the weights are the very ATen calls the definition makes
-// (at::linear, at::gather, at::softmax / at::logsumexp and at::exp, with autocast off as the router's
-// linear has it): the same bits with and without gradients (one answer in every grad mode). The selection
+// softmax or logsumexp, casts). Here the logits and the weights are the very ATen kernels the definition runs
+// (at::linear's at::mm / at::addmm, at::softmax / at::logsumexp and at::exp, with autocast off as the router's
+// linear has it; the gather, a copy, by hand): the same bits with and without gradients (one answer in every
+// grad mode). The selection
 // replaces the sort: each token keeps its k best (value, id) pairs by insertion while it walks its E logits
 // in id order: a logit enters only if it ranks strictly above the k-th kept one, so of equal logits the
 // lower id stays ahead (ties to the lower id); NaN ranks above every number and -0.0 equals 0.0, as in the
@@ -50,7 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_softmax_topk(const at::Tensor
   TORCH_CHECK(k >= 1 && k <= num_experts, kOp, ": k must be in [1, E=", num_experts, "], got ", k);
   // The router's linear runs with autocast off (routers/base.py's linear): float32 whatever autocast says.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const at::Tensor logits = at::linear(x, weight, bias).contiguous();  // contiguous already: a no-op
+  // What at::linear runs for a 2-D x (aten::linear -> aten::t, then aten::addmm with a bias, else aten::matmul
+  // -> aten::mm), called directly: the same kernel and bits, without linear's and matmul's cold dispatch hops.
+  const at::Tensor weight_t = weight.t();
+  const at::Tensor logits = bias.has_value() ? at::addmm(*bias, x, weight_t) : at::mm(x, weight_t);
   at::Tensor experts = at::empty({num_tokens, k}, x.options().dtype(at::kInt));
   int32_t* expert_data = experts.data_ptr<int32_t>();
 
@@ -76,8 +80,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_softmax_topk(const at::Tensor
       }
     });
   });
-  // The weights as the definition computes them, after selection.
-  const at::Tensor chosen = at::gather(logits, 1, experts.to(at::kLong));
+  // The weights as the definition computes them, after selection. The gather of the chosen logits is a copy
+  // (exact), by hand: at::gather would first convert the ids to int64, two more cold ATen calls at T = 1.
+  at::Tensor chosen = at::empty({num_tokens, k}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cpu_softmax_topk_gather", [&] {
+    const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
+    scalar_t* chosen_data = chosen.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < num_tokens * k; ++i) chosen_data[i] = logit_data[(i / k) * num_experts + expert_data[i]];
+  });
   const at::Tensor weights =
       renormalize ? at::softmax(chosen, -1) : at::exp(chosen - at::logsumexp(logits, {-1}, /*keepdim=*/true));
   return {logits, weights, experts};

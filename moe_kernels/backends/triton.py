@@ -7,7 +7,7 @@ from torch import Tensor
 from .. import ops
 from ..activations import Activation
 from ..kernels.tiles import block_m_for
-from ..pipeline import Permutation
+from ..pipeline import Permutation, run_routed_experts
 
 
 class TritonBackend:
@@ -34,3 +34,5 @@ class TritonBackend:
         self, hidden: Tensor, down_weight: Tensor, down_bias: Tensor | None, permutation: Permutation, weights: Tensor
     ) -> Tensor:
         return ops.expert_down_combine(hidden, down_weight, down_bias, permutation, weights)
+
+    routed_experts = run_routed_experts

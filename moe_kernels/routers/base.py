@@ -72,6 +72,13 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def autocast_anywhere() -> bool:
+    """False when autocast is off on every device (one global check, for the callers that would otherwise ask
+    for a tensor's ``device.type``, whose getter costs ~15 µs cold); True when it may be on, or under
+    torch.compile."""
+    return torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()
+
+
 def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """A block where autocast is off on ``device_type`` (a no-op context where it is off already, or does not
     exist: torch.autocast's costs ~9 µs a call)."""
