@@ -104,12 +104,17 @@ def test_opcheck(biases):
         torch.library.opcheck(torch.ops.moe_kernels.cpu_expert_down_combine.default, down_arguments)
 
 
-def _bits(threads: int, dtype: torch.dtype):
-    """y and every gradient at sizes with several row tiles per expert and several column slices."""
+# Sizes with several row tiles per expert and several column slices (at::mm's weight gradients), and with many
+# experts of a few rows (the register-blocked products of stream_gemm.h, ragged column edges).
+BITWISE_PROBLEMS = (dict(num_tokens=300, d=200, d_ff=136, num_experts=3, k=2), dict(num_tokens=90, d=72, d_ff=52, num_experts=24, k=4))
+
+
+def _bits(threads: int, dtype: torch.dtype, sizes: dict):
+    """y and every gradient of the problem of these sizes, on `threads` threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        tensors, experts = problem("swiglu", num_tokens=300, d=200, d_ff=136, num_experts=3, k=2, biases=True)
+        tensors, experts = problem("swiglu", **sizes, biases=True)
         dy = torch.randn(tensors["x"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         y, grads = run_stages(NATIVE, tensors, experts, dtype, "swiglu", None, dy)
         return [y, *grads.values()]
@@ -117,11 +122,12 @@ def _bits(threads: int, dtype: torch.dtype):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("sizes", BITWISE_PROBLEMS, ids=["large-experts", "small-experts"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bitwise_the_same_for_any_thread_count(dtype):
-    one = _bits(1, dtype)
+def test_bitwise_the_same_for_any_thread_count(dtype, sizes):
+    one = _bits(1, dtype, sizes)
     for threads in (2, 3):  # 3 > the work items of some loops (3 experts), and not a divisor of the others
-        for expected, actual in zip(one, _bits(threads, dtype)):
+        for expected, actual in zip(one, _bits(threads, dtype, sizes)):
             assert torch.equal(expected, actual)
 
 

@@ -21,6 +21,7 @@
 #include "expert_stages.h"
 #include "experts.h"
 #include "huge_pages.h"
+#include "stream_gemm.h"
 
 namespace moe_kernels {
 namespace {
@@ -193,10 +194,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
         }
       }
     });
+    const bool stream_u = cpu::streams_weight(down_weight, dtype);
     cpu::parallel_items(static_cast<int64_t>(u_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const cpu::SliceItem& tile = u_items[item];
         const int64_t count = tile.row_end - tile.row_begin, width = tile.end - tile.begin;
+        if (stream_u && count < cpu::kSplitRows) {
+          const cpu::SliceItem* next = item + 1 < end ? &u_items[item + 1] : nullptr;
+          cpu::stream_gemm(count, width, d, dy_rows.const_data_ptr<float>() + tile.row_begin * d, d,
+                           down_weight.const_data_ptr<float>() + tile.expert * down_weight.stride(0) + tile.begin,
+                           down_weight.stride(1), grad_hidden.data_ptr<float>() + tile.row_begin * d_ff + tile.begin, d_ff,
+                           next ? cpu::weight_columns(down_weight, next->expert, next->begin, next->end) : cpu::Prefetcher());
+          continue;
+        }
         const at::Tensor weight = cpu::expert_matrix(down_weight, tile.expert, dtype);  // [d, d_ff]
         at::Tensor out = cpu::matrix(grad_hidden_data + tile.row_begin * d_ff + tile.begin, count, width, d_ff, 1, dtype);
         at::mm_out(out, cpu::matrix(dy_data + tile.row_begin * d, count, d, d, 1, dtype),
@@ -229,6 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
     });
 
     // 2. d(W_e)[slice] = (gate·dy[tokens of e])[slice]ᵀ · hidden[rows of e]; d(bias_e)[slice] = Σ gate·dy.
+    const bool stream_weight_gradient = dtype == at::kFloat && grad_down_weight.scalar_type() == at::kFloat;
     cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const cpu::SliceItem& slice = weight_items[item];
@@ -246,7 +257,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
         }
         const at::Tensor hidden_block = cpu::matrix(row_data + start * rows.stride(0), count, d_ff, rows.stride(0), 1, dtype);
         at::Tensor target = grad_down_weight.select(0, e).narrow(0, first, width);
-        if (grad_down_weight.scalar_type() == dtype) {
+        if (stream_weight_gradient && cpu::streams_gradient(count, d_ff)) {
+          cpu::stream_gemm_transposed_a(width, d_ff, count, weighted.const_data_ptr<float>(), width,
+                                        rows.const_data_ptr<float>() + start * rows.stride(0), rows.stride(0),
+                                        target.data_ptr<float>(), d_ff);
+        } else if (grad_down_weight.scalar_type() == dtype) {
           at::mm_out(target, cpu::transposed(weighted), hidden_block);
         } else {
           target.copy_(at::mm(cpu::transposed(weighted), hidden_block));

@@ -24,6 +24,7 @@
 #include "expert_stages.h"
 #include "experts.h"
 #include "huge_pages.h"
+#include "stream_gemm.h"
 
 namespace moe_kernels {
 namespace {
@@ -230,15 +231,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
     // 2. dx rows = grad_pre[row] · up_weight[e], one GEMM per item (row tile × slice of d) into an [R, d]
     //    opmath buffer; then dx[t] = the sum of t's rows in slot order, token by token.
     opmath_t* row_dx_data = row_dx.data_ptr<opmath_t>();
+    const bool stream_dx = cpu::streams_weight(up_weight, dtype);
     cpu::parallel_items(static_cast<int64_t>(dx_items.size()), [&](int64_t begin, int64_t end) {
       at::Tensor product = std::is_same_v<scalar_t, opmath_t> ? at::Tensor() : at::empty({scratch_rows, d}, x.options());
       for (int64_t item = begin; item < end; ++item) {
         const cpu::SliceItem& tile = dx_items[item];
         const int64_t rows = tile.row_end - tile.row_begin, width = tile.end - tile.begin;
+        opmath_t* dx_rows = row_dx_data + tile.row_begin * d + tile.begin;
+        if (stream_dx && rows < cpu::kSplitRows) {
+          const cpu::SliceItem* next = item + 1 < end ? &dx_items[item + 1] : nullptr;
+          cpu::stream_gemm(rows, width, n_up, grad_pre.const_data_ptr<float>() + tile.row_begin * n_up, n_up,
+                           up_weight.const_data_ptr<float>() + tile.expert * up_weight.stride(0) + tile.begin,
+                           up_weight.stride(1), row_dx.data_ptr<float>() + tile.row_begin * d + tile.begin, d,
+                           next ? cpu::weight_columns(up_weight, next->expert, next->begin, next->end) : cpu::Prefetcher());
+          continue;
+        }
         const at::Tensor weight = cpu::expert_matrix(up_weight, tile.expert, dtype);  // [N, d]
         const at::Tensor columns_of_weight = cpu::matrix(weight.const_data_ptr<scalar_t>() + tile.begin * weight.stride(1),
                                                          n_up, width, weight.stride(0), weight.stride(1), dtype);
-        opmath_t* dx_rows = row_dx_data + tile.row_begin * d + tile.begin;
         at::Tensor out = std::is_same_v<scalar_t, opmath_t> ? cpu::matrix(dx_rows, rows, width, d, 1, dtype)
                                                              : cpu::matrix(product.data_ptr<scalar_t>(), rows, width, width, 1, dtype);
         at::mm_out(out, cpu::matrix(grad_pre_data + tile.row_begin * n_up, rows, n_up, n_up, 1, dtype), columns_of_weight);
@@ -274,6 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
         }
       }
     });
+    const bool stream_weight_gradient = dtype == at::kFloat && grad_up_weight.scalar_type() == at::kFloat;
     cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const cpu::SliceItem& slice = weight_items[item];
@@ -282,7 +293,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
         const at::Tensor gathered = cpu::matrix(gathered_data + start * d, rows, d, d, 1, dtype);
         const at::Tensor grad_block = cpu::matrix(grad_pre_data + start * n_up + first, rows, width, n_up, 1, dtype);
         at::Tensor target = grad_up_weight.select(0, e).narrow(0, first, width);
-        if (grad_up_weight.scalar_type() == dtype) {
+        if (stream_weight_gradient && cpu::streams_gradient(rows, d)) {
+          cpu::stream_gemm_transposed_a(width, d, rows, grad_pre.const_data_ptr<float>() + start * n_up + first, n_up,
+                                        gathered_x.const_data_ptr<float>() + start * d, d, target.data_ptr<float>(), d);
+        } else if (grad_up_weight.scalar_type() == dtype) {
           at::mm_out(target, cpu::transposed(grad_block), gathered);
         } else {
           target.copy_(at::mm(cpu::transposed(grad_block), gathered));
