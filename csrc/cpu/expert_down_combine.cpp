@@ -80,6 +80,7 @@ at::Tensor expert_down_combine_forward(const at::Tensor& hidden, const at::Tenso
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
   const int64_t num_slices = (d + cpu::kSliceColumns - 1) / cpu::kSliceColumns;
+  const int64_t work_per_slice = cpu::total_rows(tiles) * std::min(cpu::kSliceColumns, d) * d_ff;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_down_combine", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -126,7 +127,7 @@ at::Tensor expert_down_combine_forward(const at::Tensor& hidden, const at::Tenso
           }
         }
       }
-    });
+    }, work_per_slice);
   });
   return y_sum.scalar_type() == dtype ? y_sum : y_sum.to(dtype);
 }

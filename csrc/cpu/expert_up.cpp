@@ -85,6 +85,7 @@ void expert_up_forward(const at::Tensor& x, const at::Tensor& up_weight, const s
   if (keep_pre_activation) zero_padding_rows(layout, *pre_activation);
   const std::vector<cpu::RowTile> tiles = cpu::row_tiles(layout);
   const int64_t scratch_rows = cpu::tile_rows(tiles);
+  const int64_t work_per_tile = tiles.empty() ? 0 : cpu::total_rows(tiles) * n_up * d / static_cast<int64_t>(tiles.size());
   const GateUpColumns columns{gated, interleaved, d_ff};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_expert_up", [&] {
@@ -139,7 +140,7 @@ void expert_up_forward(const at::Tensor& x, const at::Tensor& up_weight, const s
           for (int64_t j = 0; j < d_ff; ++j) h[j] = static_cast<scalar_t>(gate[j]);
         }
       }
-    });
+    }, work_per_tile);
   });
 }
 

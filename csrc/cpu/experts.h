@@ -38,10 +38,20 @@ class SingleThreadedBlas {
 #endif
 };
 
-// at::parallel_for over [0, count) items, each thread's BLAS single-threaded (see SingleThreadedBlas).
+// Multiply-adds each thread of a parallel loop gets at least (parallel_items' work_per_item). A parallel region
+// costs its fork and join, microseconds on a quiet machine, and a whole time slice (~10 ms) while another
+// process holds a core, so a loop with less work than two threads' share runs on one thread, as ATen keeps
+// at::internal::GRAIN_SIZE elements per thread. 1M float32 multiply-adds of a decode step stream 4 MB of
+// weights, ~0.2 ms of one core. Qwen3-30B-A3B/8 T = 1 (~0.4M in GEMM 1): one thread; Mixtral-8x7B/8 T = 1
+// (3.7M): two. Which thread runs an item never changes the result.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
+
+// at::parallel_for over [0, count) items, each thread's BLAS single-threaded (see SingleThreadedBlas), each
+// thread given at least kMinWorkPerThread multiply-adds of items of `work_per_item` (default: any one item).
 template <typename F>
-void parallel_items(int64_t count, const F& body) {
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+void parallel_items(int64_t count, const F& body, int64_t work_per_item = kMinWorkPerThread) {
+  const int64_t grain = (kMinWorkPerThread + std::max<int64_t>(work_per_item, 1) - 1) / std::max<int64_t>(work_per_item, 1);
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single_threaded;
     body(begin, end);
   });
@@ -122,6 +132,13 @@ inline std::vector<RowTile> row_tiles(const Layout& layout) {
     for (int64_t begin = start; begin < end; begin += kTileRows) tiles.push_back({e, begin, std::min(end, begin + kTileRows)});
   }
   return tiles;
+}
+
+// Rows of all tiles together (the kept assignments): a loop's work, for parallel_items.
+inline int64_t total_rows(const std::vector<RowTile>& tiles) {
+  int64_t rows = 0;
+  for (const RowTile& tile : tiles) rows += tile.end - tile.begin;
+  return rows;
 }
 
 // Rows of the largest tile: what a work item's scratch needs (never more than kTileRows; 1 at T = 1, so a
