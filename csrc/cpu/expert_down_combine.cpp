@@ -240,7 +240,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
     });
 
     // 2. d(W_e)[slice] = (gate·dy[tokens of e])[slice]ᵀ · hidden[rows of e]; d(bias_e)[slice] = Σ gate·dy.
-    const bool stream_weight_gradient = dtype == at::kFloat && grad_down_weight.scalar_type() == at::kFloat;
     cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const cpu::SliceItem& slice = weight_items[item];
@@ -257,16 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_expert_down_combi
           for (int64_t j = 0; j < static_cast<int64_t>(bias_sum.size()); ++j) bias_sum[j] += gate * static_cast<opmath_t>(g[j]);
         }
         const at::Tensor hidden_block = cpu::matrix(row_data + start * rows.stride(0), count, d_ff, rows.stride(0), 1, dtype);
-        at::Tensor target = grad_down_weight.select(0, e).narrow(0, first, width);
-        if (stream_weight_gradient && cpu::streams_gradient(count, d_ff)) {
-          cpu::stream_gemm_transposed_a(width, d_ff, count, weighted.const_data_ptr<float>(), width,
-                                        rows.const_data_ptr<float>() + start * rows.stride(0), rows.stride(0),
-                                        target.data_ptr<float>(), d_ff);
-        } else if (grad_down_weight.scalar_type() == dtype) {
-          at::mm_out(target, cpu::transposed(weighted), hidden_block);
-        } else {
-          target.copy_(at::mm(cpu::transposed(weighted), hidden_block));
-        }
+        cpu::weight_gradient_product(weighted, hidden_block, grad_down_weight.select(0, e).narrow(0, first, width));
         if (down_bias.has_value()) {
           grad_down_bias.select(0, e).narrow(0, first, width).copy_(
               at::from_blob(bias_sum.data(), {width}, at::TensorOptions().dtype(weights.scalar_type())));

@@ -285,7 +285,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
         }
       }
     });
-    const bool stream_weight_gradient = dtype == at::kFloat && grad_up_weight.scalar_type() == at::kFloat;
     cpu::parallel_items(static_cast<int64_t>(weight_items.size()), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const cpu::SliceItem& slice = weight_items[item];
@@ -293,15 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_expert_up_backward(
         const int64_t start = slice.row_begin, rows = slice.row_end - slice.row_begin;
         const at::Tensor gathered = cpu::matrix(gathered_data + start * d, rows, d, d, 1, dtype);
         const at::Tensor grad_block = cpu::matrix(grad_pre_data + start * n_up + first, rows, width, n_up, 1, dtype);
-        at::Tensor target = grad_up_weight.select(0, e).narrow(0, first, width);
-        if (stream_weight_gradient && cpu::streams_gradient(rows, d)) {
-          cpu::stream_gemm_transposed_a(width, d, rows, grad_pre.const_data_ptr<float>() + start * n_up + first, n_up,
-                                        gathered_x.const_data_ptr<float>() + start * d, d, target.data_ptr<float>(), d);
-        } else if (grad_up_weight.scalar_type() == dtype) {
-          at::mm_out(target, cpu::transposed(grad_block), gathered);
-        } else {
-          target.copy_(at::mm(cpu::transposed(grad_block), gathered));
-        }
+        cpu::weight_gradient_product(grad_block, gathered, grad_up_weight.select(0, e).narrow(0, first, width));
         if (up_bias.has_value()) {
           std::vector<opmath_t> sum(width, opmath_t(0));
           for (int64_t i = 0; i < rows; ++i) {

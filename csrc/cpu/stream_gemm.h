@@ -25,6 +25,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "experts.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -240,6 +242,22 @@ inline void stream_gemm_transposed_a(int64_t n, int64_t p, int64_t depth, const 
 #if defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();  // the non-temporal stores are visible before the item ends
 #endif
+}
+
+// target[n, p] = a[depth, n]ᵀ · b[depth, p]: a slice of an expert's weight gradient (target, unit-stride rows)
+// from its `depth` rows (a and b: row-major views in the compute dtype, unit column stride). By
+// stream_gemm_transposed_a for float32 where streams_gradient says it beats MKL, else by at::mm, into target
+// or converted to target's dtype.
+inline void weight_gradient_product(const at::Tensor& a, const at::Tensor& b, at::Tensor target) {
+  const int64_t depth = a.size(0), n = a.size(1), p = b.size(1);
+  if (a.scalar_type() == at::kFloat && target.scalar_type() == at::kFloat && streams_gradient(depth, p)) {
+    stream_gemm_transposed_a(n, p, depth, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(),
+                             b.stride(0), target.data_ptr<float>(), target.stride(0));
+  } else if (target.scalar_type() == a.scalar_type()) {
+    at::mm_out(target, transposed(a), b);
+  } else {
+    target.copy_(at::mm(transposed(a), b));
+  }
 }
 
 }  // namespace moe_kernels::cpu
