@@ -114,8 +114,12 @@ CASES = [
     # Qwen3/8's widths at 32 rows per expert (prefill tiles): GEMM 2 reduces d_ff = 96 in steps of 32 (16-bit), and the
     # weight-gradient tiles narrowed to 32 (or 64) columns of d_ff widen along d = 256 (tiles.weight_grad_tiles).
     (64, 2, 4, 256, 96, "swiglu", 1, "uniform", None),
+    # Switch/8's widths at 32 rows per expert: d = 96 as three column sub-tiles of 32 in the d(x) GEMM and along
+    # the token side of both weight gradients, whose row side (d_ff = 384) takes bands of two 128-blocks, the
+    # last with one block past the end (tiles.row_gemm_tiles' col_tiles, weight_grad_tiles' sub-tiles).
+    (128, 1, 4, 96, 384, "relu", 1, "uniform", None),
 ]
-CASE_IDS = ["T1", "k2-E8", "k8-E64", "skewed", "capacity-drops", "empty-experts+drops", "k-eq-E", "clamped-interleaved", "narrow-d_ff"]
+CASE_IDS = ["T1", "k2-E8", "k8-E64", "skewed", "capacity-drops", "empty-experts+drops", "k-eq-E", "clamped-interleaved", "narrow-d_ff", "narrow-d"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -230,8 +234,10 @@ def test_combine_skips_dropped_slots_and_sums_in_slot_order():
 
 # Tile choices the policy makes on other GPUs or at other shapes than these small problems, forced through
 # tiles.overridden: the sm_80 layout (no A/B swap), prefill tiles (several row tiles per expert, GROUP_M
-# order), split-K (GEMM 2 and the d(x) GEMM reduce their partials in the combine), minimal tiles, and
-# sub-tiles (one weight chunk applied to several MMAs of 16 rows, those without a row skipped).
+# order), split-K (GEMM 2 and the d(x) GEMM reduce their partials in the combine), minimal tiles,
+# sub-tiles (one weight chunk applied to several MMAs of 16 rows, those without a row skipped), and column
+# sub-tiles (one chunk of rows applied to several blocks of 16 columns, those without a column skipped; in
+# the weight gradients along both sides: WEIGHT_GRAD_VARIANTS).
 VARIANTS = {
     "policy": {},
     "no-swap": dict(swap_ab=False),
@@ -240,14 +246,21 @@ VARIANTS = {
     "tiny-swapped": dict(block_m=16, block_n=16, block_k=16, group_m=2, swap_ab=True, sub_tiles=1),
     "sub-tiles": dict(block_m=64, block_n=16, block_k=16, group_m=2, swap_ab=False, sub_tiles=4),
     "sub-tiles-swapped": dict(block_m=32, block_n=16, block_k=16, group_m=1, swap_ab=True, sub_tiles=2),
+    "col-tiles": dict(block_m=32, block_n=16, block_k=16, group_m=2, swap_ab=False, sub_tiles=2, col_tiles=3),
+    "col-tiles-swapped": dict(block_m=32, block_n=16, block_k=16, group_m=1, swap_ab=True, sub_tiles=2, col_tiles=2),
+}
+WEIGHT_GRAD_VARIANTS = {
+    "col-tiles": dict(block_m=16, block_n=16, block_k=16, col_tiles=3, col_tiles_k=2),
+    "col-tiles-swapped": dict(block_n=16, block_k=16, col_tiles=2, col_tiles_k=3),
 }
 
 
 def forced(variant):
-    """An override that applies VARIANTS[variant] to every row GEMM (split-K only where it may split)."""
+    """An override that applies VARIANTS[variant] to every row GEMM (split-K only where it may split) and
+    WEIGHT_GRAD_VARIANTS[variant], if any, to every weight gradient."""
     def override(kind, shape, chosen):
         if kind != "row":
-            return chosen
+            return dataclasses.replace(chosen, **WEIGHT_GRAD_VARIANTS.get(variant, {}))
         changes = dict(VARIANTS[variant])
         if not shape["may_split_k"]:
             changes.pop("split_k", None)

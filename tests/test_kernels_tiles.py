@@ -95,6 +95,42 @@ def test_override_hook_applies_and_is_checked():
     with tiles.overridden(lambda kind, shape, config: dataclasses.replace(config, block_m=32, sub_tiles=4)):
         with pytest.raises(ValueError, match="sub_tiles=4 must split block_m=32"):
             tiles.row_gemm_tiles(64, 64, 1, 4, 32, 32, torch.float16, 90)
+    with tiles.overridden(lambda kind, shape, config: dataclasses.replace(config, col_tiles_k=2)):
+        with pytest.raises(ValueError, match="col_tiles_k=2"):
+            tiles.row_gemm_tiles(64, 64, 1, 4, 32, 32, torch.float16, 90)
+
+
+def test_column_bands_read_the_other_operand_once_at_the_narrow_widths():
+    """Qwen3/8 (d 256, d_ff 96, k 8) and Switch/8 (d 96, d_ff 384, k 1) at 64 rows per expert (issue 11): a width
+    narrowed to blocks of 32 is one band of three sub-tiles, an output of 256 columns one band of two blocks,
+    and each weight gradient's sub-tiles cover the narrow side whole, so the other operand is read once per
+    GEMM there; a gated GEMM 1 keeps one block per program. The published widths keep one block per program."""
+    fp16 = torch.float16
+    qwen = (8192, 1024, 8, 128)
+    switch = (8192, 8192, 1, 128)
+    for shape, n_out, n_in in ((qwen, 96, 256), (qwen, 256, 192), (switch, 96, 384)):
+        config = tiles.row_gemm_tiles(*shape, n_out, n_in, fp16, 90)
+        assert config.col_tiles * config.block_n >= n_out > (config.col_tiles - 1) * config.block_n, (n_out, config)
+        assert config.block_m == 128 and config.block_m * config.col_tiles * config.block_n <= 128 * 256
+    assert tiles.row_gemm_tiles(*qwen, 96, 256, fp16, 90, halves=2).col_tiles == 1
+    for shape, n_row, n_tok, whole in ((qwen[1:], 96, 256, "both"), (qwen[1:], 192, 256, "rows"), (switch[1:], 384, 96, "tokens")):
+        config = tiles.weight_grad_tiles(*shape, n_row, n_tok, fp16, 90)
+        rows_side, tokens_side = config.col_tiles * config.block_n, config.col_tiles_k * config.block_k
+        assert rows_side * tokens_side <= tiles.WEIGHT_GRAD_ACCUMULATORS, config
+        assert whole == "tokens" or rows_side >= n_row, config
+        assert whole == "rows" or tokens_side >= n_tok, config
+    for name, (d, d_ff, num_experts, k, gated) in LAYERS.items():
+        for dtype in DTYPES:
+            for arch in (80, 90):
+                for num_tokens in (1, 64, 4096, 16384):
+                    up, down, rows = _gemms(name, num_tokens, dtype, arch)
+                    backward = (
+                        tiles.row_gemm_tiles(rows, num_tokens, k, num_experts, d_ff, d, dtype, arch),
+                        tiles.weight_grad_tiles(num_tokens, k, num_experts, d_ff, d, dtype, arch),
+                        tiles.weight_grad_tiles(num_tokens, k, num_experts, (2 if gated else 1) * d_ff, d, dtype, arch),
+                    )
+                    for config in (up, down, *backward):
+                        assert (config.col_tiles, config.col_tiles_k) == (1, 1), (name, num_tokens, config)
 
 
 def test_prefill_tile_reads_an_average_expert_weights_once():

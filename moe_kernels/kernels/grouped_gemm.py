@@ -7,9 +7,11 @@ Backward: expert_down_combine_backward d(hidden), d(down_weight), d(down_bias), 
           expert_up_backward           d(x), d(up_weight), d(up_bias), recomputing the pre-activation or
                                        reading the one GEMM 1 stored (``store_pre_activation``)
 
-A row-GEMM program owns one row tile × one column block; it computes the tile as ``sub_tiles`` MMAs of
+A row-GEMM program owns one row tile × one column band; it computes the tile as ``sub_tiles`` MMAs of
 block_m / sub_tiles rows that share each weight chunk it loads (those without a row are skipped), so an
-expert's weights are read once per block_m rows while padding MACs stay at the sub-tile's height. Row
+expert's weights are read once per block_m rows while padding MACs stay at the sub-tile's height; the band
+is ``col_tiles`` blocks of block_n columns that share each chunk of rows it loads (those without a column
+are skipped), so a width narrowed to avoid padding (96 = 3·32) does not re-read the rows per block. Row
 tiles are numbered expert by expert: expert e's kept rows [expert_offsets[e], expert_offsets[e] +
 tokens_per_expert[e]) make cdiv(count, BLOCK_M) tiles, so a tile never spans two experts whatever the layout's padding, and the program finds its expert from
 tokens_per_expert on the device (no host sync). The grid holds an upper bound of the tile count fixed by
@@ -79,6 +81,19 @@ def _sub_tile_rows(first, end, sub: tl.constexpr, SUB_M: tl.constexpr):
 
 
 @triton.jit
+def _sub_tile_cols(col_start, n_cols, sub: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(columns [BLOCK_N], column mask, whether any column is valid) of column sub-tile ``sub`` of the band
+    at ``col_start``; sub-tile 0 counts as valid (a constant True, as in ``_sub_tile_rows``)."""
+    begin = col_start + sub * BLOCK_N
+    cols = begin + tl.arange(0, BLOCK_N)
+    if sub == 0:
+        has_cols = True
+    else:
+        has_cols = begin < n_cols
+    return cols, cols < n_cols, has_cols
+
+
+@triton.jit
 def _tile_matmul(
     a_ptr,
     sorted_assignments_ptr,  # (R,) int32, read when GATHER
@@ -91,8 +106,8 @@ def _tile_matmul(
     stride_wk,
     stride_wn,
     second_offset,  # element offset of the second weight block (the up half of a gated up_weight)
-    cols,
-    col_mask,
+    col_start,  # the band's first column, and the number of columns n of W
+    n_cols,
     k_begin,
     k_end,
     GATHER: tl.constexpr,
@@ -103,22 +118,23 @@ def _tile_matmul(
     SUB_M: tl.constexpr,
     SUB_TILES: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    COL_TILES: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Per sub-tile s < SUB_TILES (rows first + s·SUB_M + [0, SUB_M)): [SUB_M, BLOCK_N] =
-    A[rows, k_begin:k_end] · W[k_begin:k_end, cols] (and with W moved by second_offset when TWO_HALVES, else
-    zeros), in ACC_DTYPE; returned as two tuples of SUB_TILES accumulators. W is cast to A's dtype as it is
-    loaded.
+    """Per sub-tile (s, c), s < SUB_TILES, c < COL_TILES (rows first + s·SUB_M + [0, SUB_M), columns
+    ``_sub_tile_cols(col_start, n_cols, c, BLOCK_N)``): [SUB_M, BLOCK_N] = A[rows, k_begin:k_end] ·
+    W[k_begin:k_end, cols] (and with W moved by second_offset when TWO_HALVES, else zeros), in ACC_DTYPE;
+    returned as two tuples of SUB_TILES·COL_TILES accumulators, index s·COL_TILES + c. W is cast to A's
+    dtype as it is loaded.
 
-    Each weight chunk is loaded once and applied to every sub-tile (tiles.GemmTiles.sub_tiles); a sub-tile
-    without a row skips its MMAs (a uniform branch), so padding MACs stay at SUB_M rows. SWAP_AB computes
-    each product transposed, Wᵀ·Aᵀ ([BLOCK_N, SUB_M], so the MMA's M is BLOCK_N), and transposes it once at
-    the end. Both halves share each A tile, so a gated layer reads its rows once.
+    Each weight chunk is loaded once and applied to every row sub-tile, each A chunk once and applied to
+    every column sub-tile (tiles.GemmTiles.sub_tiles, col_tiles); a sub-tile without a row or a column
+    skips its MMAs (a uniform branch), so padding MACs stay at SUB_M rows and BLOCK_N columns. SWAP_AB
+    computes each product transposed, Wᵀ·Aᵀ ([BLOCK_N, SUB_M], so the MMA's M is BLOCK_N), and transposes
+    it once at the end. Both halves share each A tile, so a gated layer reads its rows once.
     """
     row_offsets = ()
     row_masks = ()
-    accs = ()
-    seconds = ()
     has_rows = ()
     for sub in tl.static_range(SUB_TILES):
         rows, row_mask, valid = _sub_tile_rows(first, end, sub, SUB_M)
@@ -129,6 +145,17 @@ def _tile_matmul(
         else:
             row_offsets = row_offsets + (rows * stride_am,)
         row_masks = row_masks + (row_mask,)
+    col_list = ()
+    col_masks = ()
+    has_cols = ()
+    for col in tl.static_range(COL_TILES):
+        cols, col_mask, valid = _sub_tile_cols(col_start, n_cols, col, BLOCK_N)
+        col_list = col_list + (cols,)
+        col_masks = col_masks + (col_mask,)
+        has_cols = has_cols + (valid,)
+    accs = ()
+    seconds = ()
+    for index in tl.static_range(SUB_TILES * COL_TILES):
         if SWAP_AB:
             accs = accs + (tl.zeros((BLOCK_N, SUB_M), dtype=ACC_DTYPE),)
             seconds = seconds + (tl.zeros((BLOCK_N, SUB_M), dtype=ACC_DTYPE),)
@@ -138,42 +165,62 @@ def _tile_matmul(
     for k_start in range(k_begin, k_end, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_mask = ks < k_end
-        if SWAP_AB:
-            w_offsets = cols[:, None] * stride_wn + ks[None, :] * stride_wk
-            w_mask = col_mask[:, None] & k_mask[None, :]
-        else:
-            w_offsets = ks[:, None] * stride_wk + cols[None, :] * stride_wn
-            w_mask = k_mask[:, None] & col_mask[None, :]
-        w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(a_ptr.dtype.element_ty)
-        w_second = w
-        if TWO_HALVES:
-            w_second = tl.load(w_ptr + second_offset + w_offsets, mask=w_mask, other=0.0).to(a_ptr.dtype.element_ty)
+        firsts = ()
+        w_seconds = ()
+        for col in tl.static_range(COL_TILES):
+            if SWAP_AB:
+                w_offsets = col_list[col][:, None] * stride_wn + ks[None, :] * stride_wk
+                w_mask = col_masks[col][:, None] & k_mask[None, :]
+            else:
+                w_offsets = ks[:, None] * stride_wk + col_list[col][None, :] * stride_wn
+                w_mask = k_mask[:, None] & col_masks[col][None, :]
+            w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0).to(a_ptr.dtype.element_ty)
+            w_second = w
+            if TWO_HALVES:
+                w_second = tl.load(w_ptr + second_offset + w_offsets, mask=w_mask, other=0.0).to(a_ptr.dtype.element_ty)
+            firsts = firsts + (w,)
+            w_seconds = w_seconds + (w_second,)
         updated = ()
         updated_seconds = ()
         for sub in tl.static_range(SUB_TILES):
-            acc = accs[sub]
-            acc_second = seconds[sub]
+            row_accs = ()
+            row_seconds = ()
+            for col in tl.static_range(COL_TILES):
+                row_accs = row_accs + (accs[sub * COL_TILES + col],)
+                row_seconds = row_seconds + (seconds[sub * COL_TILES + col],)
             if has_rows[sub]:
                 if SWAP_AB:
                     a = tl.load(a_ptr + row_offsets[sub][None, :] + ks[:, None] * stride_ak, mask=row_masks[sub][None, :] & k_mask[:, None], other=0.0)
-                    acc = tl.dot(w, a, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                    if TWO_HALVES:
-                        acc_second = tl.dot(w_second, a, acc_second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 else:
                     a = tl.load(a_ptr + row_offsets[sub][:, None] + ks[None, :] * stride_ak, mask=row_masks[sub][:, None] & k_mask[None, :], other=0.0)
-                    acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                    if TWO_HALVES:
-                        acc_second = tl.dot(a, w_second, acc_second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            updated = updated + (acc,)
-            updated_seconds = updated_seconds + (acc_second,)
+                products = ()
+                product_seconds = ()
+                for col in tl.static_range(COL_TILES):
+                    acc = row_accs[col]
+                    acc_second = row_seconds[col]
+                    if has_cols[col]:
+                        if SWAP_AB:
+                            acc = tl.dot(firsts[col], a, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                            if TWO_HALVES:
+                                acc_second = tl.dot(w_seconds[col], a, acc_second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                        else:
+                            acc = tl.dot(a, firsts[col], acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                            if TWO_HALVES:
+                                acc_second = tl.dot(a, w_seconds[col], acc_second, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    products = products + (acc,)
+                    product_seconds = product_seconds + (acc_second,)
+                row_accs = products
+                row_seconds = product_seconds
+            updated = updated + row_accs
+            updated_seconds = updated_seconds + row_seconds
         accs = updated
         seconds = updated_seconds
     if SWAP_AB:
         transposed = ()
         transposed_seconds = ()
-        for sub in tl.static_range(SUB_TILES):
-            transposed = transposed + (tl.trans(accs[sub]),)
-            transposed_seconds = transposed_seconds + (tl.trans(seconds[sub]),)
+        for index in tl.static_range(SUB_TILES * COL_TILES):
+            transposed = transposed + (tl.trans(accs[index]),)
+            transposed_seconds = transposed_seconds + (tl.trans(seconds[index]),)
         accs = transposed
         seconds = transposed_seconds
     return accs, seconds
@@ -244,75 +291,78 @@ def _expert_up_kernel(
     SWAP_AB: tl.constexpr,
     GROUP_M: tl.constexpr,
     SUB_TILES: tl.constexpr,  # MMAs of BLOCK_M / SUB_TILES rows per tile (tiles.GemmTiles.sub_tiles)
+    COL_TILES: tl.constexpr,  # and of BLOCK_N columns, COL_TILES per program (tiles.GemmTiles.col_tiles)
 ):
-    tile, col_block = _grouped_program(num_row_tiles, tl.cdiv(d_ff, BLOCK_N), GROUP_M)
+    tile, col_block = _grouped_program(num_row_tiles, tl.cdiv(d_ff, COL_TILES * BLOCK_N), GROUP_M)
     expert, first, end = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
     SUB_M: tl.constexpr = BLOCK_M // SUB_TILES
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < d_ff
-    # Where column j of the gate and of the up half live, in up_weight's rows and in the pre-activation.
+    col_start = col_block * (COL_TILES * BLOCK_N)
     col_step = 2 if INTERLEAVED else 1
     up_shift = 1 if INTERLEAVED else d_ff
-    gate_cols = cols * col_step
     if not (BACKWARD and SAVED_PRE):
         gates, ups = _tile_matmul(
             x_ptr, sorted_assignments_ptr, k, stride_xt, stride_xd, first, end,
             up_weight_ptr + expert * stride_we, stride_wd, col_step * stride_wn, up_shift * stride_wn,
-            cols, col_mask, 0, d,
-            True, GATED, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, BLOCK_K,
+            col_start, d_ff, 0, d,
+            True, GATED, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, COL_TILES, BLOCK_K,
         )
     for sub in tl.static_range(SUB_TILES):
         rows, row_mask, has_rows = _sub_tile_rows(first, end, sub, SUB_M)
         if has_rows:
-            mask = row_mask[:, None] & col_mask[None, :]
-            if BACKWARD and SAVED_PRE:
-                pre = pre_ptr + rows[:, None] * stride_pm + gate_cols[None, :] * stride_pn
-                gate = tl.load(pre, mask=mask, other=0.0).to(ACC_DTYPE)
-                up = gate
-                if GATED:
-                    up = tl.load(pre + up_shift * stride_pn, mask=mask, other=0.0).to(ACC_DTYPE)
-            else:
-                gate = gates[sub]
-                up = ups[sub]
-                if HAS_BIAS:
-                    bias = up_bias_ptr + expert * stride_be + gate_cols * stride_bn
-                    gate += tl.load(bias, mask=col_mask, other=0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
-                    if GATED:
-                        up += tl.load(bias + up_shift * stride_bn, mask=col_mask, other=0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
-                if SAVED_PRE:
-                    pre = pre_ptr + rows[:, None] * stride_pm + gate_cols[None, :] * stride_pn
-                    tl.store(pre, gate.to(pre_ptr.dtype.element_ty), mask=mask)
-                    if GATED:
-                        tl.store(pre + up_shift * stride_pn, up.to(pre_ptr.dtype.element_ty), mask=mask)
-            gate_in = gate
-            if HAS_LIMIT:
-                gate_in = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
-                up_in = tl.minimum(tl.maximum(up, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT, propagate_nan=tl.PropagateNan.ALL)
-            else:
-                up_in = up
-            value, slope = _activation_and_slope(gate_in, FUNCTION, ALPHA)
-            up_term = up_in + UP_OFFSET
-            if BACKWARD:
-                grad = tl.load(grad_hidden_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
-                grad = grad.to(ACC_DTYPE)
-                out = out_ptr + rows[:, None] * stride_om + gate_cols[None, :] * stride_on
-                if GATED:
-                    grad_gate = grad * up_term * slope
-                    grad_up = grad * value
-                    if HAS_LIMIT:  # the clamps pass the gradient where they are the identity (torch.clamp's rule)
-                        grad_gate = tl.where(gate <= LIMIT, grad_gate, 0.0)
-                        grad_up = tl.where((up >= -LIMIT) & (up <= LIMIT), grad_up, 0.0)
-                    tl.store(out, grad_gate.to(out_ptr.dtype.element_ty), mask=mask)
-                    tl.store(out + up_shift * stride_on, grad_up.to(out_ptr.dtype.element_ty), mask=mask)
-                else:
-                    tl.store(out, (grad * slope).to(out_ptr.dtype.element_ty), mask=mask)
-            else:
-                if GATED:
-                    value = value * up_term
-                out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-                tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+            for col in tl.static_range(COL_TILES):
+                cols, col_mask, has_cols = _sub_tile_cols(col_start, d_ff, col, BLOCK_N)
+                # Where column j of the gate and of the up half live, in up_weight's rows and in the pre-activation.
+                gate_cols = cols * col_step
+                if has_cols:
+                    mask = row_mask[:, None] & col_mask[None, :]
+                    if BACKWARD and SAVED_PRE:
+                        pre = pre_ptr + rows[:, None] * stride_pm + gate_cols[None, :] * stride_pn
+                        gate = tl.load(pre, mask=mask, other=0.0).to(ACC_DTYPE)
+                        up = gate
+                        if GATED:
+                            up = tl.load(pre + up_shift * stride_pn, mask=mask, other=0.0).to(ACC_DTYPE)
+                    else:
+                        gate = gates[sub * COL_TILES + col]
+                        up = ups[sub * COL_TILES + col]
+                        if HAS_BIAS:
+                            bias = up_bias_ptr + expert * stride_be + gate_cols * stride_bn
+                            gate += tl.load(bias, mask=col_mask, other=0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
+                            if GATED:
+                                up += tl.load(bias + up_shift * stride_bn, mask=col_mask, other=0.0).to(x_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
+                        if SAVED_PRE:
+                            pre = pre_ptr + rows[:, None] * stride_pm + gate_cols[None, :] * stride_pn
+                            tl.store(pre, gate.to(pre_ptr.dtype.element_ty), mask=mask)
+                            if GATED:
+                                tl.store(pre + up_shift * stride_pn, up.to(pre_ptr.dtype.element_ty), mask=mask)
+                    gate_in = gate
+                    if HAS_LIMIT:
+                        gate_in = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
+                        up_in = tl.minimum(tl.maximum(up, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT, propagate_nan=tl.PropagateNan.ALL)
+                    else:
+                        up_in = up
+                    value, slope = _activation_and_slope(gate_in, FUNCTION, ALPHA)
+                    up_term = up_in + UP_OFFSET
+                    if BACKWARD:
+                        grad = tl.load(grad_hidden_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
+                        grad = grad.to(ACC_DTYPE)
+                        out = out_ptr + rows[:, None] * stride_om + gate_cols[None, :] * stride_on
+                        if GATED:
+                            grad_gate = grad * up_term * slope
+                            grad_up = grad * value
+                            if HAS_LIMIT:  # the clamps pass the gradient where they are the identity (torch.clamp's rule)
+                                grad_gate = tl.where(gate <= LIMIT, grad_gate, 0.0)
+                                grad_up = tl.where((up >= -LIMIT) & (up <= LIMIT), grad_up, 0.0)
+                            tl.store(out, grad_gate.to(out_ptr.dtype.element_ty), mask=mask)
+                            tl.store(out + up_shift * stride_on, grad_up.to(out_ptr.dtype.element_ty), mask=mask)
+                        else:
+                            tl.store(out, (grad * slope).to(out_ptr.dtype.element_ty), mask=mask)
+                    else:
+                        if GATED:
+                            value = value * up_term
+                        out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+                        tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -357,17 +407,19 @@ def _rows_times_weights_kernel(
     SWAP_AB: tl.constexpr,
     GROUP_M: tl.constexpr,
     SUB_TILES: tl.constexpr,  # MMAs of BLOCK_M / SUB_TILES rows per tile (tiles.GemmTiles.sub_tiles)
+    COL_TILES: tl.constexpr,  # and of BLOCK_N columns, COL_TILES per program (tiles.GemmTiles.col_tiles)
 ):
     # DIRECT adds cdiv(T, BLOCK_M) tiles after the row tiles: they write the zero rows of dropped tokens.
     num_zero_tiles = tl.cdiv(num_tokens, BLOCK_M) if DIRECT else 0
-    tile, col_block = _grouped_program(num_row_tiles + num_zero_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
+    tile, col_block = _grouped_program(num_row_tiles + num_zero_tiles, tl.cdiv(N, COL_TILES * BLOCK_N), GROUP_M)
+    col_start = col_block * (COL_TILES * BLOCK_N)
     if tile >= num_row_tiles:
         tokens = (tile - num_row_tiles).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         dropped = tl.load(sorted_rows_ptr + tokens * stride_st, mask=tokens < num_tokens, other=0) < 0
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + tokens[:, None] * stride_oa + cols[None, :] * stride_on, zeros, mask=dropped[:, None] & col_mask[None, :])
+        for col in tl.static_range(COL_TILES):
+            cols, col_mask, _ = _sub_tile_cols(col_start, N, col, BLOCK_N)
+            tl.store(out_ptr + tokens[:, None] * stride_oa + cols[None, :] * stride_on, zeros, mask=dropped[:, None] & col_mask[None, :])
         return
     expert, first, end = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
@@ -380,27 +432,31 @@ def _rows_times_weights_kernel(
     accs, _ = _tile_matmul(
         a_ptr, sorted_assignments_ptr, k, stride_am, stride_ak, first, end,
         weight_ptr + expert * stride_we, stride_wk, stride_wn, 0,
-        cols, col_mask, k_begin, k_end,
-        False, False, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, BLOCK_K,
+        col_start, N, k_begin, k_end,
+        False, False, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, COL_TILES, BLOCK_K,
     )
     for sub in tl.static_range(SUB_TILES):
         rows, row_mask, has_rows = _sub_tile_rows(first, end, sub, SUB_M)
         if has_rows:
-            acc = accs[sub]
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_mask & (tl.broadcast_to(split, (BLOCK_N,)) == 0), other=0.0)
-                acc += bias.to(a_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
             assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-            mask = row_mask[:, None] & col_mask[None, :]
-            if DIRECT:
-                value = acc.to(out_ptr.dtype.element_ty)
-                if HAS_WEIGHTS:  # as backend "torch": the expert output rounded to y's dtype, then weighted in float32
-                    gate = tl.load(weights_ptr + assignments * stride_gt, mask=row_mask, other=0.0).to(ACC_DTYPE)
-                    value = value.to(ACC_DTYPE) * gate[:, None]
-                tl.store(out_ptr + assignments[:, None] * stride_oa + cols[None, :] * stride_on, value.to(out_ptr.dtype.element_ty), mask=mask)
-            else:
-                out = out_ptr + split * stride_os + assignments[:, None] * stride_oa + cols[None, :] * stride_on
-                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            if DIRECT and HAS_WEIGHTS:
+                gate = tl.load(weights_ptr + assignments * stride_gt, mask=row_mask, other=0.0).to(ACC_DTYPE)
+            for col in tl.static_range(COL_TILES):
+                cols, col_mask, has_cols = _sub_tile_cols(col_start, N, col, BLOCK_N)
+                if has_cols:
+                    acc = accs[sub * COL_TILES + col]
+                    if HAS_BIAS:
+                        bias = tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_mask & (tl.broadcast_to(split, (BLOCK_N,)) == 0), other=0.0)
+                        acc += bias.to(a_ptr.dtype.element_ty).to(ACC_DTYPE)[None, :]
+                    mask = row_mask[:, None] & col_mask[None, :]
+                    if DIRECT:
+                        value = acc.to(out_ptr.dtype.element_ty)
+                        if HAS_WEIGHTS:  # as backend "torch": the expert output rounded to y's dtype, then weighted in float32
+                            value = value.to(ACC_DTYPE) * gate[:, None]
+                        tl.store(out_ptr + assignments[:, None] * stride_oa + cols[None, :] * stride_on, value.to(out_ptr.dtype.element_ty), mask=mask)
+                    else:
+                        out = out_ptr + split * stride_os + assignments[:, None] * stride_oa + cols[None, :] * stride_on
+                        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -414,7 +470,7 @@ def _expert_down_bwd_kernel(
     expert_offsets_ptr,  # (E + 1,) int32
     tokens_per_expert_ptr,  # (E,) int32
     grad_hidden_ptr,  # (R, d_ff) out: weights[t, s]·(dy[t] · down_weight[e])
-    grad_weights_partial_ptr,  # (cdiv(d_ff, BLOCK_N), T·k) out: <hidden[r], dy[t] · down_weight[e]> per column block (+ <bias[e], dy[t]> in block 0)
+    grad_weights_partial_ptr,  # (cdiv(d_ff, COL_TILES·BLOCK_N), T·k) out: <hidden[r], dy[t] · down_weight[e]> per column band (+ <bias[e], dy[t]> in band 0)
     num_row_tiles,
     d,
     d_ff,
@@ -444,38 +500,42 @@ def _expert_down_bwd_kernel(
     SWAP_AB: tl.constexpr,
     GROUP_M: tl.constexpr,
     SUB_TILES: tl.constexpr,  # MMAs of BLOCK_M / SUB_TILES rows per tile (tiles.GemmTiles.sub_tiles)
+    COL_TILES: tl.constexpr,  # and of BLOCK_N columns, COL_TILES per program (tiles.GemmTiles.col_tiles)
 ):
-    tile, col_block = _grouped_program(num_row_tiles, tl.maximum(tl.cdiv(d_ff, BLOCK_N), 1), GROUP_M)
+    tile, col_block = _grouped_program(num_row_tiles, tl.maximum(tl.cdiv(d_ff, COL_TILES * BLOCK_N), 1), GROUP_M)
     expert, first, end = _expert_tile(tokens_per_expert_ptr, expert_offsets_ptr, tile, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
     SUB_M: tl.constexpr = BLOCK_M // SUB_TILES
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < d_ff
+    col_start = col_block * (COL_TILES * BLOCK_N)
     # dy·W[e] before the gate weight: the same product gives d(weights) as <hidden, dy·W[e]> below,
     # which is <expert_output, dy> without recomputing the expert output.
     grad_outputs, _ = _tile_matmul(
         grad_y_ptr, sorted_assignments_ptr, k, stride_yt, stride_yd, first, end,
         down_weight_ptr + expert * stride_we, stride_wd, stride_wf, 0,
-        cols, col_mask, 0, d,
-        True, False, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, BLOCK_K,
+        col_start, d_ff, 0, d,
+        True, False, SWAP_AB, ACC_DTYPE, INPUT_PRECISION, SUB_M, SUB_TILES, BLOCK_N, COL_TILES, BLOCK_K,
     )
     for sub in tl.static_range(SUB_TILES):
         rows, row_mask, has_rows = _sub_tile_rows(first, end, sub, SUB_M)
         if has_rows:
-            grad_output = grad_outputs[sub]
             assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
             tokens = assignments // k
             slots = assignments % k
-            mask = row_mask[:, None] & col_mask[None, :]
             gate = tl.load(weights_ptr + tokens * stride_gt + slots * stride_gs, mask=row_mask, other=0.0).to(ACC_DTYPE)
-            hidden = tl.load(hidden_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hf, mask=mask, other=0.0)
-            tl.store(
-                grad_hidden_ptr + rows[:, None] * stride_om + cols[None, :] * stride_of,
-                (gate[:, None] * grad_output).to(grad_hidden_ptr.dtype.element_ty),
-                mask=mask,
-            )
-            partial = tl.sum(hidden.to(ACC_DTYPE) * grad_output, axis=1)
+            partial = tl.zeros((SUB_M,), dtype=ACC_DTYPE)
+            for col in tl.static_range(COL_TILES):  # the band's share of d(weights), its sub-tiles in order
+                cols, col_mask, has_cols = _sub_tile_cols(col_start, d_ff, col, BLOCK_N)
+                if has_cols:
+                    grad_output = grad_outputs[sub * COL_TILES + col]
+                    mask = row_mask[:, None] & col_mask[None, :]
+                    hidden = tl.load(hidden_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hf, mask=mask, other=0.0)
+                    tl.store(
+                        grad_hidden_ptr + rows[:, None] * stride_om + cols[None, :] * stride_of,
+                        (gate[:, None] * grad_output).to(grad_hidden_ptr.dtype.element_ty),
+                        mask=mask,
+                    )
+                    partial += tl.sum(hidden.to(ACC_DTYPE) * grad_output, axis=1)
             if HAS_BIAS:
                 if col_block == 0:  # <bias[e], dy[t]>, the bias's share of <expert_output, dy>, once per row
                     for d_start in range(0, d, BLOCK_K):
@@ -517,50 +577,89 @@ def _expert_weight_grad_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    COL_TILES: tl.constexpr,  # a program's row-side columns: COL_TILES sub-tiles of BLOCK_N (tiles.GemmTiles.col_tiles)
     BLOCK_K: tl.constexpr,
+    COL_TILES_K: tl.constexpr,  # its token-side columns: COL_TILES_K sub-tiles of BLOCK_K (tiles.GemmTiles.col_tiles_k)
 ):
+    # Each program owns [COL_TILES·BLOCK_N, COL_TILES_K·BLOCK_K] of one expert's gradient as sub-tiles with
+    # their own accumulators: each loaded chunk of one side is applied to every sub-tile of the other, and
+    # a sub-tile without a column skips its MMAs.
     expert = tl.program_id(0).to(tl.int64)
-    cols_i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_j = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_i = cols_i < n_row
-    mask_j = cols_j < n_tok
+    start_i = tl.program_id(1) * (COL_TILES * BLOCK_N)
+    start_j = tl.program_id(2) * (COL_TILES_K * BLOCK_K)
     start = tl.load(expert_offsets_ptr + expert).to(tl.int64)
     end = start + tl.load(tokens_per_expert_ptr + expert)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    bias_i = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    bias_j = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
+    accs = ()
+    for index in tl.static_range(COL_TILES * COL_TILES_K):
+        accs = accs + (tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE),)
+    biases_i = ()
+    for index in tl.static_range(COL_TILES):
+        biases_i = biases_i + (tl.zeros((BLOCK_N,), dtype=ACC_DTYPE),)
+    biases_j = ()
+    for index in tl.static_range(COL_TILES_K):
+        biases_j = biases_j + (tl.zeros((BLOCK_K,), dtype=ACC_DTYPE),)
     # An expert with no rows runs no iteration and stores exact zeros.
     for block_start in range(start, end, BLOCK_M):
         rows = block_start + tl.arange(0, BLOCK_M)
         row_mask = rows < end
         assignments = tl.load(sorted_assignments_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         tokens = assignments // k
-        row_side = tl.load(
-            row_side_ptr + rows[:, None] * stride_rm + cols_i[None, :] * stride_ri,
-            mask=row_mask[:, None] & mask_i[None, :], other=0.0,
-        )
-        token_side = tl.load(
-            token_side_ptr + tokens[:, None] * stride_tt + cols_j[None, :] * stride_tj,
-            mask=row_mask[:, None] & mask_j[None, :], other=0.0,
-        )
         if SCALE_BY_WEIGHT:
             gate = tl.load(weights_ptr + tokens * stride_gt + (assignments % k) * stride_gs, mask=row_mask, other=0.0)
-            token_side = token_side.to(ACC_DTYPE) * gate[:, None].to(ACC_DTYPE)
+        token_sides = ()
+        updated_j = ()
+        has_js = ()
+        for sub_j in tl.static_range(COL_TILES_K):
+            cols_j, mask_j, has_j = _sub_tile_cols(start_j, n_tok, sub_j, BLOCK_K)
+            has_js = has_js + (has_j,)
+            token_side = tl.load(
+                token_side_ptr + tokens[:, None] * stride_tt + cols_j[None, :] * stride_tj,
+                mask=row_mask[:, None] & mask_j[None, :], other=0.0,
+            )
+            if SCALE_BY_WEIGHT:
+                token_side = token_side.to(ACC_DTYPE) * gate[:, None].to(ACC_DTYPE)
+            bias_j = biases_j[sub_j]
+            if BIAS_SIDE == 2:
+                bias_j += tl.sum(token_side.to(ACC_DTYPE), axis=0)
+            updated_j = updated_j + (bias_j,)
+            token_sides = token_sides + (token_side,)
+        biases_j = updated_j
+        updated = ()
+        updated_i = ()
+        for sub_i in tl.static_range(COL_TILES):
+            cols_i, mask_i, has_i = _sub_tile_cols(start_i, n_row, sub_i, BLOCK_N)
+            row_side = tl.load(
+                row_side_ptr + rows[:, None] * stride_rm + cols_i[None, :] * stride_ri,
+                mask=row_mask[:, None] & mask_i[None, :], other=0.0,
+            )
+            bias_i = biases_i[sub_i]
+            if BIAS_SIDE == 1:
+                bias_i += tl.sum(row_side.to(ACC_DTYPE), axis=0)
+            updated_i = updated_i + (bias_i,)
+            for sub_j in tl.static_range(COL_TILES_K):
+                acc = accs[sub_i * COL_TILES_K + sub_j]
+                if has_i:
+                    if has_js[sub_j]:
+                        acc = tl.dot(tl.trans(row_side), token_sides[sub_j].to(row_side.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                updated = updated + (acc,)
+        accs = updated
+        biases_i = updated_i
+    for sub_i in tl.static_range(COL_TILES):
+        cols_i, mask_i, _ = _sub_tile_cols(start_i, n_row, sub_i, BLOCK_N)
+        for sub_j in tl.static_range(COL_TILES_K):
+            cols_j, mask_j, _ = _sub_tile_cols(start_j, n_tok, sub_j, BLOCK_K)
+            out = grad_weight_ptr + expert * stride_oe + cols_i[:, None] * stride_oi + cols_j[None, :] * stride_oj
+            tl.store(out, accs[sub_i * COL_TILES_K + sub_j].to(grad_weight_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_j[None, :])
+        # Each bias column is stored by the programs of the first band along the other side (the program
+        # id broadcast before comparing: the interpreter mistypes a scalar bool & a vector mask).
         if BIAS_SIDE == 1:
-            bias_i += tl.sum(row_side.to(ACC_DTYPE), axis=0)
-        if BIAS_SIDE == 2:
-            bias_j += tl.sum(token_side.to(ACC_DTYPE), axis=0)
-        acc = tl.dot(tl.trans(row_side), token_side.to(row_side.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    out = grad_weight_ptr + expert * stride_oe + cols_i[:, None] * stride_oi + cols_j[None, :] * stride_oj
-    tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_j[None, :])
-    # Each bias column is stored by the programs of the first block along the other side (the program
-    # id broadcast before comparing: the interpreter mistypes a scalar bool & a vector mask).
-    if BIAS_SIDE == 1:
-        bias_out = grad_bias_ptr + expert * stride_bias_e + cols_i * stride_bias_n
-        tl.store(bias_out, bias_i.to(grad_bias_ptr.dtype.element_ty), mask=mask_i & (tl.broadcast_to(tl.program_id(2), (BLOCK_N,)) == 0))
+            bias_out = grad_bias_ptr + expert * stride_bias_e + cols_i * stride_bias_n
+            tl.store(bias_out, biases_i[sub_i].to(grad_bias_ptr.dtype.element_ty), mask=mask_i & (tl.broadcast_to(tl.program_id(2), (BLOCK_N,)) == 0))
     if BIAS_SIDE == 2:
-        bias_out = grad_bias_ptr + expert * stride_bias_e + cols_j * stride_bias_n
-        tl.store(bias_out, bias_j.to(grad_bias_ptr.dtype.element_ty), mask=mask_j & (tl.broadcast_to(tl.program_id(1), (BLOCK_K,)) == 0))
+        for sub_j in tl.static_range(COL_TILES_K):
+            cols_j, mask_j, _ = _sub_tile_cols(start_j, n_tok, sub_j, BLOCK_K)
+            bias_out = grad_bias_ptr + expert * stride_bias_e + cols_j * stride_bias_n
+            tl.store(bias_out, biases_j[sub_j].to(grad_bias_ptr.dtype.element_ty), mask=mask_j & (tl.broadcast_to(tl.program_id(1), (BLOCK_K,)) == 0))
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -613,7 +712,7 @@ def _up_launch(
     grad = grad_hidden if backward else out
     pre = pre_activation if pre_activation is not None else out
     bias = up_bias if up_bias is not None else up_weight
-    grid = (num_row_tiles * triton.cdiv(d_ff, config.block_n),)
+    grid = (num_row_tiles * triton.cdiv(d_ff, config.col_tiles * config.block_n),)
     _expert_up_kernel[grid](
         x, up_weight, bias, permutation.sorted_assignments, permutation.expert_offsets, permutation.tokens_per_expert,
         grad, pre, out,
@@ -631,7 +730,7 @@ def _up_launch(
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(x.dtype)], INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), SWAP_AB=config.swap_ab, GROUP_M=config.group_m,
-        SUB_TILES=config.sub_tiles, num_warps=config.num_warps, num_stages=config.num_stages,
+        SUB_TILES=config.sub_tiles, COL_TILES=config.col_tiles, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -663,7 +762,7 @@ def _rows_times_weights(
     num_tiles = num_row_tiles + (triton.cdiv(num_tokens, config.block_m) if direct else 0)
     bias_arg = bias if bias is not None else weight[:, 0]
     weights_arg = weights if weights is not None else permutation.sorted_rows
-    grid = (num_tiles * triton.cdiv(n_out, config.block_n), config.split_k)
+    grid = (num_tiles * triton.cdiv(n_out, config.col_tiles * config.block_n), config.split_k)
     _rows_times_weights_kernel[grid](
         rows, weight, bias_arg, weights_arg, permutation.sorted_assignments, permutation.sorted_rows,
         permutation.expert_offsets, permutation.tokens_per_expert, out,
@@ -677,7 +776,8 @@ def _rows_times_weights(
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(rows.dtype)], INPUT_PRECISION=input_precision(rows.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), SPLIT_K=config.split_k, SWAP_AB=config.swap_ab,
-        GROUP_M=config.group_m, SUB_TILES=config.sub_tiles, num_warps=config.num_warps, num_stages=config.num_stages,
+        GROUP_M=config.group_m, SUB_TILES=config.sub_tiles, COL_TILES=config.col_tiles,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if direct:
         return out
@@ -703,7 +803,10 @@ def _expert_weight_grad(
     weights_arg = weights if scale else permutation.sorted_rows
     bias_arg = grad_bias if grad_bias is not None else grad_weight[:, 0]
     # At least one block along each side, so that a bias gradient is written when the other side is empty.
-    grid = (num_experts, max(1, triton.cdiv(n_row, config.block_n)), max(1, triton.cdiv(n_tok, config.block_k)))
+    grid = (
+        num_experts, max(1, triton.cdiv(n_row, config.col_tiles * config.block_n)),
+        max(1, triton.cdiv(n_tok, config.col_tiles_k * config.block_k)),
+    )
     _expert_weight_grad_kernel[grid](
         row_side, token_side, weights_arg,
         permutation.sorted_assignments, permutation.expert_offsets, permutation.tokens_per_expert,
@@ -716,8 +819,8 @@ def _expert_weight_grad(
         bias_arg.stride(0), bias_arg.stride(1),
         SCALE_BY_WEIGHT=scale, BIAS_SIDE=bias_side if grad_bias is not None else 0,
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(row_side.dtype)], INPUT_PRECISION=input_precision(row_side.dtype),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, COL_TILES=config.col_tiles, BLOCK_K=config.block_k,
+        COL_TILES_K=config.col_tiles_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -790,13 +893,13 @@ def expert_down_combine_backward(
             grad_down_bias.zero_()
         return grad_hidden, grad_down_weight.zero_(), grad_down_bias, torch.zeros_like(weights)
     config = tiles.row_gemm_tiles(num_rows, num_tokens, k, num_experts, d_ff, d, hidden.dtype, tiles.arch(hidden.device))
-    # At least one column block: with d_ff = 0 it still adds the bias's share <bias[e], dy[t]> to d(weights).
-    num_col_blocks = max(1, triton.cdiv(d_ff, config.block_n))
+    # At least one column band: with d_ff = 0 it still adds the bias's share <bias[e], dy[t]> to d(weights).
+    num_col_bands = max(1, triton.cdiv(d_ff, config.col_tiles * config.block_n))
     num_row_tiles = _row_tile_bound(num_rows, num_experts, config.block_m)
     # Zeros: dropped assignments have no row to write their partial sums, and their gradient is 0.
-    partials = torch.zeros((num_col_blocks, num_tokens * k), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+    partials = torch.zeros((num_col_bands, num_tokens * k), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
     bias_arg = down_bias if down_bias is not None else down_weight[:, :, 0]
-    _expert_down_bwd_kernel[(num_row_tiles * num_col_blocks,)](
+    _expert_down_bwd_kernel[(num_row_tiles * num_col_bands,)](
         grad_y, down_weight, bias_arg, hidden, weights,
         permutation.sorted_assignments, permutation.expert_offsets, permutation.tokens_per_expert,
         grad_hidden, partials,
@@ -811,7 +914,7 @@ def expert_down_combine_backward(
         ACC_DTYPE=_TL_DTYPES[_acc_dtype(hidden.dtype)], INPUT_PRECISION=input_precision(hidden.dtype),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), SWAP_AB=config.swap_ab, GROUP_M=config.group_m,
-        SUB_TILES=config.sub_tiles, num_warps=config.num_warps, num_stages=config.num_stages,
+        SUB_TILES=config.sub_tiles, COL_TILES=config.col_tiles, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     # d(down_weight)[e]ᵀ = Σ_r hidden[r]ᵀ·(w·dy[t]), written through the transposed view; d(down_bias)[e] = Σ_r w·dy[t].
     _expert_weight_grad(hidden, grad_y, weights, permutation, grad_down_weight.transpose(1, 2), grad_down_bias, 2)

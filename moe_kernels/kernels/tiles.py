@@ -37,6 +37,10 @@ NUM_SMS = 132
 # that overhead stays within a tenth of their weight bytes, which lets Switch-Base's GEMM 1 and GEMM 2 (the
 # smallest of the four decode layers) reach 132 programs at T = 1.
 OVERHEAD_SHARE = 10
+# Accumulators (float32) of one 16-bit weight-gradient program: its sub-tiles may hold 1.5× those of a
+# 128×128 tile, so that Qwen3/8's gradients of d_ff = 96 (3 × 32 columns) by d = 256 read each side once
+# (traffic meter), at 96 registers a thread over 8 warps (compile audit: no spills on sm_90a or sm_80).
+WEIGHT_GRAD_ACCUMULATORS = 3 * 128 * 64
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,11 @@ class GemmTiles:
     per column band (L2 reuse of the weights); sub_tiles: a row GEMM's tile is that many MMAs of
     block_m / sub_tiles rows, each with its own accumulator, applied to the same weight chunk, and one
     without a row is skipped, so the weights are read once per block_m rows while the MACs are padded to
-    block_m / sub_tiles rows only (the weight-gradient GEMMs: 1).
+    block_m / sub_tiles rows only (the weight-gradient GEMMs: 1); col_tiles: a program's columns are that
+    many blocks of block_n (a band), each with its own accumulators, sharing each loaded chunk of the other
+    operand (A's rows; for a weight gradient, the token side), and one without a column is skipped, so a
+    width narrowed to avoid padding (96 = 3·32) reads the other operand once per band instead of once per
+    block; col_tiles_k: weight gradients only, the same along block_k (the token side's columns).
     """
 
     block_m: int
@@ -63,6 +71,8 @@ class GemmTiles:
     num_warps: int
     num_stages: int
     sub_tiles: int = 1
+    col_tiles: int = 1
+    col_tiles_k: int = 1
 
     @property
     def sub_m(self) -> int:
@@ -96,6 +106,8 @@ def _decided(kind: str, shape: dict, tiles: GemmTiles) -> GemmTiles:
             raise ValueError(f"split_k={tiles.split_k} for a {kind} GEMM that cannot reduce split partials: {shape}")
         if tiles.block_m % tiles.sub_tiles or tiles.sub_m < 16 or (kind != "row" and tiles.sub_tiles != 1):
             raise ValueError(f"sub_tiles={tiles.sub_tiles} must split block_m={tiles.block_m} of a row GEMM into MMAs of at least 16 rows")
+        if tiles.col_tiles < 1 or tiles.col_tiles_k < 1 or (kind == "row" and tiles.col_tiles_k != 1):
+            raise ValueError(f"col_tiles={tiles.col_tiles}, col_tiles_k={tiles.col_tiles_k}: at least 1 each, col_tiles_k 1 for a row GEMM")
     return tiles
 
 
@@ -158,7 +170,8 @@ def row_gemm_tiles(
     - Prefill (μ ≥ 32): MMAs of sub_m = μ/4 rows rounded down to a power of two in [16, 128], which keeps
       the padding of a partial last MMA near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
       μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated; narrower where the last column
-      block would be mostly padding), reduction steps of 64 (32 where a reduction of 96 would be padded to
+      block would be mostly padding, the program then taking several such blocks, col_tiles, up to 128
+      columns), reduction steps of 64 (32 where a reduction of 96 would be padded to
       128: Qwen3/8's GEMM 2, Switch/8's GEMM 1), GROUP_M = 8. The tile takes up to 2μ rows (sub_tiles MMAs of sub_m,
       while their accumulators stay within the 128×128 of the widest tile), so that an expert of about
       average size reads each weight chunk once instead of once per sub_m rows (traffic meter, Mixtral/32
@@ -202,6 +215,7 @@ def row_gemm_tiles(
         # 8 warps from 8K accumulators: the widened tiles (32 × 256 at Mixtral's T = 64) spilled on sm_80 with 4.
         wide_accumulator = 8192
         sub_tiles = 1
+        col_tiles = 1
     else:
         sub_m = min(128, max(16, _prev_power_of_2(rows_per_expert / 4)))
         block_k = _column_block(n_in, 64 if narrow else 32)
@@ -210,16 +224,27 @@ def row_gemm_tiles(
         group_m = 8
         num_stages = 3
         wide_accumulator = 128 * 128
+        # Column bands: a program takes col_tiles blocks, so that the rows are read once per band, not per
+        # block (traffic meter): a width narrowed to avoid padding in bands of up to 128 columns (Switch/8's
+        # d(x) GEMM read d(pre-activation) once per 32 of d_model's 96 columns, Qwen3/8's d(hidden) dy once
+        # per 32 of d_ff's 96); an output of at most 256 columns in one band, its accumulators up to 128 × 256
+        # (Qwen3/8's d(x) GEMM read d(pre-activation) once per 128 of d = 256; compile audit: 8 warps, no
+        # spills, wgmma on sm_90a). Published widths (≥ 768 = 6 · 128) keep one block per program. Not for a
+        # gated GEMM 1, whose blocks hold two accumulators each already (compile audit: Qwen3/8's, 2 × 32
+        # columns per half of 8 MMAs of 16 rows, spilled 2 KB on sm_90a).
+        widest_band = 256 if n_out <= 256 else 128
+        col_tiles = 1 if halves > 1 else min(triton.cdiv(n_out, block_n), widest_band // block_n)
+        band_accumulator = max(wide_accumulator, 128 * col_tiles * block_n)
         sub_tiles = 1
         # Not on sm_80, where the accumulators of mma.sync sub-tiles outgrew the registers (compile audit:
         # Qwen3's gated GEMM 1 at T = 4096 spilled 680 B with 2 sub-tiles of 64 rows).
         while (arch >= 90 and sub_tiles * sub_m < 2 * rows_per_expert
-               and 2 * sub_tiles * sub_m * block_n * halves <= wide_accumulator):
+               and 2 * sub_tiles * sub_m * col_tiles * block_n * halves <= band_accumulator):
             sub_tiles *= 2
         block_m = sub_tiles * sub_m
     swap_ab = arch >= 90 and block_m // sub_tiles < 64 and dtype != torch.float64
-    num_warps = 8 if block_m * block_n * halves >= wide_accumulator else 4
-    tiles = GemmTiles(block_m, block_n, block_k, split_k, swap_ab, group_m, num_warps, num_stages, sub_tiles)
+    num_warps = 8 if block_m * col_tiles * block_n * halves >= wide_accumulator else 4
+    tiles = GemmTiles(block_m, block_n, block_k, split_k, swap_ab, group_m, num_warps, num_stages, sub_tiles, col_tiles)
     return _decided("row", shape, tiles)
 
 
@@ -228,34 +253,39 @@ def weight_grad_tiles(
 ) -> GemmTiles:
     """Tiles of a weight gradient: per expert, [n_row, n_tok] = Σ over its rows of row_sideᵀ · token_side.
 
-    block_n × block_k is the output tile (n_row × n_tok), block_m the rows summed per step. Each program
-    reads its expert's rows once per output tile, so the inputs are re-read n_tok/block_k and n_row/block_n
-    times: 128×128 output tiles for 16-bit inputs keep that low (traffic meter), 64×64 for 4-byte ones
-    (registers), narrower where a last block would be mostly padding, the other side then wider.
+    block_n × block_k is an MMA's output tile (n_row × n_tok), block_m the rows summed per step; a program
+    owns col_tiles × col_tiles_k such tiles. Each program reads its expert's rows of both sides once, so
+    each side is re-read once per band of the other side: 128×128 tiles for 16-bit inputs keep that low
+    (traffic meter), 64×64 for 4-byte ones (registers), narrower where a last block would be mostly
+    padding, and then as many sub-tiles per program as read the least within the accumulators of
+    ``WEIGHT_GRAD_ACCUMULATORS`` (ties: the fewest accumulators).
     """
     shape = dict(num_tokens=num_tokens, k=k, num_experts=num_experts, n_row=n_row, n_tok=n_tok, dtype=dtype, arch=arch)
     narrow = _is_16_bit(dtype)
     wide_tile = 128 if narrow else 64
     block_n = _column_block(n_row, wide_tile)
     block_k = _column_block(n_tok, wide_tile)
-    # A side narrowed to avoid padding (Qwen3/8's d_ff 96: blocks of 32) leaves accumulators unused: the
-    # other side widens into them (Qwen3/8's n_tok 256 in one block, so hidden and d(pre) are read once),
-    # while that adds no padding.
-    while block_n * block_k < wide_tile * wide_tile:
-        if _column_block(n_tok, 2 * block_k) == 2 * block_k:
-            block_k *= 2
-        elif _column_block(n_row, 2 * block_n) == 2 * block_n:
-            block_n *= 2
-        else:
-            break
+    budget = max(wide_tile * wide_tile, WEIGHT_GRAD_ACCUMULATORS if narrow else 0)
+
+    def reads(col_tiles: int, col_tiles_k: int) -> int:  # columns of either side read, per row
+        return n_row * triton.cdiv(n_tok, col_tiles_k * block_k) + n_tok * triton.cdiv(n_row, col_tiles * block_n)
+
+    most = budget // (block_n * block_k)
+    candidates = [
+        (col_tiles, col_tiles_k)
+        for col_tiles in range(1, min(most, triton.cdiv(n_row, block_n)) + 1)
+        for col_tiles_k in range(1, min(most // col_tiles, triton.cdiv(n_tok, block_k)) + 1)
+    ]
+    col_tiles, col_tiles_k = min(candidates, key=lambda tiles: (reads(*tiles), tiles[0] * tiles[1]))
     # Rows summed per step: μ/4 as the row GEMMs' block_m, so that the last step's padding rows stay near
     # 1/8 of an expert's rows (MACs executed ≤ 1.25× useful at μ ≥ 64, issue 11).
     rows_per_expert = num_tokens * k / max(num_experts, 1)
     block_m = min(64 if narrow else 32, max(16, _prev_power_of_2(rows_per_expert / 4)))
     # 8 warps from 16K accumulators, or from a side of 256 (the token side scaled by the routing weights is
     # float32: Qwen3/8's 32 × 256 tile spilled 16 B on sm_90a with 4, compile audit).
-    num_warps = 8 if block_n * block_k >= 128 * 128 or max(block_n, block_k) >= 256 else 4
-    tiles = GemmTiles(block_m, block_n, block_k, 1, False, 1, num_warps, 3)
+    rows_side, tokens_side = col_tiles * block_n, col_tiles_k * block_k
+    num_warps = 8 if rows_side * tokens_side >= 128 * 128 or max(rows_side, tokens_side) >= 256 else 4
+    tiles = GemmTiles(block_m, block_n, block_k, 1, False, 1, num_warps, 3, 1, col_tiles, col_tiles_k)
     return _decided("weight_grad", shape, tiles)
 
 
