@@ -111,8 +111,9 @@ CASES = [
     (150, 4, 16, 19, 37, "silu", 16, "sparse", 1.0),
     (40, 8, 8, 16, 32, "swiglu", 1, "uniform", None),
     (150, 2, 8, 19, 37, CLAMPED, 16, "uniform", None),
-    # Qwen3/8's widths at 32 rows per expert (prefill tiles): GEMM 2 reduces d_ff = 96 in steps of 32 (16-bit), and the
-    # weight-gradient tiles narrowed to 32 (or 64) columns of d_ff widen along d = 256 (tiles.weight_grad_tiles).
+    # Qwen3/8's widths at 32 rows per expert (prefill tiles): GEMM 2 reduces d_ff = 96 in steps of 32 (16-bit), the
+    # d(hidden) GEMM takes d_ff as one band of three 32-column sub-tiles and the d(x) GEMM d = 256 as one band of two
+    # blocks, and the weight gradients' sub-tiles cover d_ff (and d = 256) whole (tiles.py's col_tiles).
     (64, 2, 4, 256, 96, "swiglu", 1, "uniform", None),
     # Switch/8's widths at 32 rows per expert: d = 96 as three column sub-tiles of 32 in the d(x) GEMM and along
     # the token side of both weight gradients, whose row side (d_ff = 384) takes bands of two 128-blocks, the

@@ -38,8 +38,9 @@ NUM_SMS = 132
 # smallest of the four decode layers) reach 132 programs at T = 1.
 OVERHEAD_SHARE = 10
 # Accumulators (float32) of one 16-bit weight-gradient program: its sub-tiles may hold 1.5× those of a
-# 128×128 tile, so that Qwen3/8's gradients of d_ff = 96 (3 × 32 columns) by d = 256 read each side once
-# (traffic meter), at 96 registers a thread over 8 warps (compile audit: no spills on sm_90a or sm_80).
+# 128×128 tile, so that Qwen3/8's d(down_weight) (d = 256 by d_ff = 96, 3 × 32 columns) reads each side once
+# and its d(up_weight) (d = 256 by 2·96) x once (traffic meter), at 96 registers a thread over 8 warps
+# (compile audit: no spills on sm_90a or sm_80).
 WEIGHT_GRAD_ACCUMULATORS = 3 * 128 * 64
 
 
@@ -171,7 +172,7 @@ def row_gemm_tiles(
       the padding of a partial last MMA near 1/8 of the rows on average (MACs executed ≤ 1.25× useful at
       μ ≥ 64, issue 11), 128×128 output tiles (128×64 per half when gated; narrower where the last column
       block would be mostly padding, the program then taking several such blocks, col_tiles, up to 128
-      columns), reduction steps of 64 (32 where a reduction of 96 would be padded to
+      columns; an output of at most 256 columns in one program), reduction steps of 64 (32 where a reduction of 96 would be padded to
       128: Qwen3/8's GEMM 2, Switch/8's GEMM 1), GROUP_M = 8. The tile takes up to 2μ rows (sub_tiles MMAs of sub_m,
       while their accumulators stay within the 128×128 of the widest tile), so that an expert of about
       average size reads each weight chunk once instead of once per sub_m rows (traffic meter, Mixtral/32
@@ -276,7 +277,7 @@ def weight_grad_tiles(
         for col_tiles in range(1, min(most, triton.cdiv(n_row, block_n)) + 1)
         for col_tiles_k in range(1, min(most // col_tiles, triton.cdiv(n_tok, block_k)) + 1)
     ]
-    col_tiles, col_tiles_k = min(candidates, key=lambda tiles: (reads(*tiles), tiles[0] * tiles[1]))
+    col_tiles, col_tiles_k = min(candidates, key=lambda pair: (reads(*pair), pair[0] * pair[1]))
     # Rows summed per step: μ/4 as the row GEMMs' block_m, so that the last step's padding rows stay near
     # 1/8 of an expert's rows (MACs executed ≤ 1.25× useful at μ ≥ 64, issue 11).
     rows_per_expert = num_tokens * k / max(num_experts, 1)
