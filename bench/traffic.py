@@ -312,11 +312,15 @@ def _pass_row(meter: TrafficMeter, section: str, least: dict[str, Minimum], weig
     return row
 
 
-def layer_traffic(config, num_tokens: int, dtype: torch.dtype = torch.float16, backward: bool = True, seed: int = 0) -> list[dict]:
+def layer_traffic(config, num_tokens: int, dtype: torch.dtype = torch.float16, backward: bool = True, seed: int = 0,
+                  recompute_pre_activation: bool = False) -> list[dict]:
     """Counts one forward (and backward) of ``config``'s layer on T random tokens under the interpreter:
     one row per pass with its totals, the minimum and each kernel's counts (``_pass_row``); the
-    backward's row adds the bytes of the launches that wrote the experts' weight gradients."""
+    backward's row adds the bytes of the launches that wrote the experts' weight gradients.
+    ``recompute_pre_activation``: the layer's argument (the backward recomputes GEMM 1 instead of reading
+    the pre-activation the forward kept)."""
     layer, x = build_layer(config, num_tokens, dtype, "cpu", seed)
+    layer.recompute_pre_activation = recompute_pre_activation
     least = minimum(layer, x)
     with TrafficMeter() as meter:
         run_layer(layer, x, section=meter.section, backward=backward)
@@ -383,6 +387,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=bench_configs.CPU_SCALE,
                         help="d_model and d_ff divided by this without --real (the gates' prefill layer: 32)")
     parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--recompute-pre-activation", action="store_true",
+                        help="the layer's recompute_pre_activation=True (default: the forward keeps the pre-activation)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", help="file stem (default traffic-cpu-<date>, traffic-real-<date> with --real)")
     return parser.parse_args(argv)
@@ -410,7 +416,8 @@ def main(argv=None) -> list[dict]:
     for config in configs:
         for num_tokens in _token_counts(config, args):
             print(f"{config.name} T={num_tokens}", file=sys.stderr, flush=True)
-            rows += layer_traffic(config, num_tokens, dtype, backward=not args.forward_only)
+            rows += layer_traffic(config, num_tokens, dtype, backward=not args.forward_only,
+                                  recompute_pre_activation=args.recompute_pre_activation)
             body = ",\n".join(json.dumps(row) for row in rows)  # after each point: a killed run keeps what it did
             stem.with_suffix(".json").write_text(f'{{"meta": {json.dumps(meta, indent=1)},\n"rows": [\n{body}\n]}}\n')
             stem.with_suffix(".md").write_text(markdown(rows, meta))
