@@ -167,6 +167,33 @@ def test_sparse_weight_gradients_on_fresh_small_pages():
         assert_close(actual[name].double(), baseline[name].double(), exact[name], torch.float32, 3, f"grad of {name}")
 
 
+@pytest.mark.parametrize("num_tokens", [3, 12], ids=["sparse-small-pages", "dense-huge-pages"])
+def test_weight_gradients_on_reused_mappings(num_tokens):
+    """A freed weight gradient's mapping is handed to the next backward (huge_pages.h MappingPool): its stale
+    contents (here NaN) must not leak, the experts without rows read as exact zeros (an expert's block of
+    211200 bytes is no whole number of pages: dropped pages and zero-filled edges), the others as the reference."""
+    shapes = dict(d=200, d_ff=132, num_experts=64, k=2, biases=True)
+    tensors, experts = problem("swiglu", num_tokens=num_tokens, **shapes, seed=1)
+    dy = torch.randn(tensors["x"].shape, dtype=torch.float64)
+    first = run_stages(NATIVE, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    addresses = {name: first[name].data_ptr() for name in ("up_weight", "down_weight")}
+    for gradient in first.values():
+        gradient.fill_(float("nan"))
+    del first
+    tensors, experts = problem("swiglu", num_tokens=num_tokens, **shapes, seed=2)
+    exact = run_stages(PYTORCH, tensors, experts, torch.float64, "swiglu", None, dy)[1]
+    baseline = run_stages(PYTORCH, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    actual = run_stages(NATIVE, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    idle = torch.ones(64, dtype=torch.bool)
+    idle[experts.flatten().long()] = False
+    assert 40 < int(idle.sum()) < 64
+    for name in ("up_weight", "down_weight", "up_bias", "down_bias"):
+        if name in addresses:
+            assert actual[name].data_ptr() == addresses[name], f"{name}: the freed mapping was not reused"
+        assert actual[name].is_contiguous() and torch.equal(actual[name][idle], torch.zeros_like(actual[name][idle])), name
+        assert_close(actual[name].double(), baseline[name].double(), exact[name], torch.float32, 3, f"grad of {name}")
+
+
 def test_weights_of_any_strides_and_dtype():
     """Expert-minor strides (stride(0) = 1) and float32 weights under float64 x give the contiguous result."""
     tensors, experts = problem("swiglu", biases=True)
