@@ -11,7 +11,7 @@
 //
 // The weight gradients of all E experts are zero for every expert that received no rows: DeepSeek-V3-like/8
 // at T = 16 writes ~100 of its 256 experts' gradients, and the other ~420 MB of its 704 MB are zeros.
-// expert_gradient maps a gradient of kHugePageMinBytes or more (or a sparse one) for itself: fresh anonymous
+// expert_gradient maps a gradient of kPooledMinBytes or more for itself: fresh anonymous
 // pages read as zero until written, and on a kept mapping the idle experts' pages are dropped, so those zeros
 // cost neither a fill pass nor a page fault here, only when (and if) a reader touches them (a read maps the
 // shared zero page). transformers' grouped_mm backward zero-fills them.
@@ -52,11 +52,16 @@ inline at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOpt
   return tensor;
 }
 
-// A gradient of kSparseFreshMinBytes or more whose experts with rows are at most 1/kSparseShare of all goes on
-// a mapping of its own of 4 KiB pages (a 2 MiB page would zero 2 MiB for each expert written): the memset of
-// the idle experts (~1.5 ms for Shazeer-style/8's 16 MiB of weight gradients at T = 1) then costs a few page
-// faults per expert with rows instead.
-constexpr int64_t kSparseFreshMinBytes = int64_t{1} << 20;
+// Bytes from which expert_gradient maps its gradient itself (MappingPool) rather than take glibc's memory,
+// which comes from its heap or from a fresh mapping depending on the process's history (its mmap threshold
+// rises with the largest mapped chunk freed, and its heap is trimmed beyond twice that): Qwen3-30B-A3B/8 T = 16
+// forward+backward (3.1 and 1.6 MB weight gradients) took 7.8 ms with no page fault per call after other
+// layers had run, 11-14 ms with 1600-2400 faults per call once those layers' large gradients left glibc.
+constexpr int64_t kPooledMinBytes = int64_t{1} << 20;
+
+// A gradient whose experts with rows are at most 1/kSparseShare of all goes on 4 KiB pages (a 2 MiB page would
+// zero 2 MiB for each expert written): the idle experts cost neither a memset (~1.5 ms for Shazeer-style/8's
+// 16 MiB of weight gradients at T = 1) nor a fault, and the others a few page faults each.
 constexpr int64_t kSparseShare = 8;
 
 // Bytes of freed gradient mappings kept for reuse (MappingPool): DeepSeek-V3-like/8's two weight gradients
@@ -73,7 +78,8 @@ constexpr size_t kPoolMaxBytes = size_t{1} << 30;
 // the host still held and 35-44 ms on pages it had taken back (18 ms on 4 KiB pages either way), and DeepSeek-
 // V3-like/8 T = 256 forward+backward took 278-289 ms or 537-610 ms call by call, the slow calls those during
 // which the kernel reported 212-270 MB to the host. A kept mapping stays faulted in: no page fault at all.
-// At most kPoolMaxBytes are kept (the oldest unmapped first); nothing about the results depends on it.
+// At most kPoolMaxBytes are kept (the oldest unmapped first), until moe_kernels::cpu_release_memory gives them
+// back; nothing about the results depends on it.
 class MappingPool {
  public:
   // The one pool of the process (never destroyed: tensors may be freed during exit).
@@ -94,6 +100,16 @@ class MappingPool {
       }
     }
     return nullptr;
+  }
+
+  // Unmaps every kept mapping; returns their bytes.
+  size_t release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t released = bytes_;
+    for (const Mapping& kept : kept_) munmap(kept.base, kept.length);
+    kept_.clear();
+    bytes_ = 0;
+    return released;
   }
 
   // Keeps a freed mapping, unmapping the oldest kept ones beyond kPoolMaxBytes.
@@ -119,15 +135,19 @@ class MappingPool {
   size_t bytes_ = 0;
 };
 
-// A tensor of `sizes` on a private anonymous mapping (2 MiB-aligned and marked for huge pages with `huge`), given
-// back to the MappingPool when the tensor's storage is freed, with its experts of `layout` that received no rows
-// zero; an undefined tensor when mmap fails. A fresh mapping reads as zero; on a kept one, the whole pages of
-// those experts are dropped (MADV_DONTNEED: they read as zero again without a pass, and are faulted in only if
-// written) and the rest of them zero-filled.
+// A tensor of `sizes` on a private anonymous mapping, given back to the MappingPool when the tensor's storage is
+// freed, with its experts of `layout` that received no rows zero; an undefined tensor when mmap fails. With
+// `sparse` (see kSparseShare) of 4 KiB pages, else 2 MiB-aligned and marked for huge pages from
+// kHugePageMinBytes on. A fresh mapping reads as zero. On a kept one, those experts are zero-filled, or with
+// `sparse` their whole pages dropped (MADV_DONTNEED: they read as zero again without a pass, and are faulted in
+// only if written) and the rest of them zero-filled. Dropping the idle experts of a dense gradient instead made
+// the experts written next call fault in again: Qwen3-30B-A3B/8 T = 16 (~46 of 128 experts idle) forward+
+// backward took 11-14 ms with 1600-2400 page faults per call, against 7.8 ms with no fault and the memset.
 inline at::Tensor gradient_on_pooled_pages(const Layout& layout, at::IntArrayRef sizes, const at::TensorOptions& options,
-                                           bool huge) {
+                                           bool sparse) {
   constexpr size_t kHugePage = size_t{1} << 21, kPage = size_t{1} << 12;
   const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  const bool huge = !sparse && bytes >= static_cast<size_t>(kHugePageMinBytes);
   const size_t length = huge ? bytes + kHugePage : (bytes + kPage - 1) & ~(kPage - 1);  // huge: room to align
   MappingPool& pool = MappingPool::instance();
   void* base = pool.take(length, huge);
@@ -147,7 +167,7 @@ inline at::Tensor gradient_on_pooled_pages(const Layout& layout, at::IntArrayRef
       while (last + 1 < layout.num_experts && layout.tokens_per_expert[last + 1] == 0) ++last;
       const uintptr_t begin = start + e * block_bytes, end = start + (last + 1) * block_bytes;
       const uintptr_t page_begin = (begin + kPage - 1) & ~(kPage - 1), page_end = end & ~(kPage - 1);
-      if (page_end > page_begin) {
+      if (sparse && page_end > page_begin) {
         std::memset(reinterpret_cast<void*>(begin), 0, page_begin - begin);
         madvise(reinterpret_cast<void*>(page_begin), page_end - page_begin, MADV_DONTNEED);
         std::memset(reinterpret_cast<void*>(page_end), 0, end - page_end);
@@ -164,17 +184,15 @@ inline at::Tensor gradient_on_pooled_pages(const Layout& layout, at::IntArrayRef
 #endif
 
 // The gradient [E, ...] (contiguous, `sizes`) of an expert weight or bias, with the experts that received no
-// rows already zero; the caller writes the others whole. On pooled pages (see MappingPool): of 4 KiB with few
-// experts written (see kSparseShare), else huge from kHugePageMinBytes on; smaller ones on at::empty's memory
-// with those experts zero-filled.
+// rows already zero; the caller writes the others whole. From kPooledMinBytes on, on pooled pages (see
+// gradient_on_pooled_pages); smaller ones on at::empty's memory with those experts zero-filled.
 inline at::Tensor expert_gradient(const Layout& layout, at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const auto bytes = static_cast<int64_t>(c10::multiply_integers(sizes) * options.dtype().itemsize());
-  int64_t written = 0;
-  for (int64_t e = 0; e < layout.num_experts; ++e) written += layout.tokens_per_expert[e] != 0;
-  const bool sparse = bytes >= kSparseFreshMinBytes && written * kSparseShare <= layout.num_experts;
-  if (bytes >= kHugePageMinBytes || sparse) {
-    at::Tensor gradient = gradient_on_pooled_pages(layout, sizes, options, /*huge=*/!sparse);
+  if (bytes >= kPooledMinBytes) {
+    int64_t written = 0;
+    for (int64_t e = 0; e < layout.num_experts; ++e) written += layout.tokens_per_expert[e] != 0;
+    at::Tensor gradient = gradient_on_pooled_pages(layout, sizes, options, /*sparse=*/written * kSparseShare <= layout.num_experts);
     if (gradient.defined()) return gradient;
   }
 #endif
