@@ -1,7 +1,8 @@
 """What a run leaves behind: a progress bar, the terminal table, the JSON file and the versions in it.
 
 The summary (printed first by bench.run) and the table. Units in the table: busy% (the busiest expert's share of the T·k assignments), ms (median, and p20–p80 in brackets), speedup over the loop (×), TFLOP/s, % of a
-dense matmul of the same FLOPs, GB/s (forward only), peak memory in MiB (CUDA only), max abs error.
+dense matmul of the same FLOPs, GB/s (forward only), peak memory in MiB (CUDA only), minor page faults per call
+(median; forward / forward+backward; CPU only), max abs error.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def _num(value, pattern: str) -> str:
 HEADER = (
     f"{'config':<22} {'route':<7} {'T':>5} {'busy%':>5} {'contender':<17} | {'fwd ms [p20-p80]':<24} {'x loop':>7} "
     f"{'TFLOP/s':>8} {'%dense':>6} {'GB/s':>7} | {'fwd+bwd ms [p20-p80]':<24} {'x loop':>7} {'TFLOP/s':>8} | "
-    f"{'peak MiB':>8} {'max err':>8}"
+    f"{'peak MiB':>8} {'faults fwd/bwd':>14} {'max err':>8}"
 )
 
 
@@ -104,11 +105,12 @@ def table(rows: list[dict]) -> str:
             if both and both["status"] == "ok" else f"{(both or {}).get('status', '-'):<24} {'':>7} {'':>8}"
         )
         peak = forward["peak_bytes"]
+        faults = f"{_num(forward['minor_faults'], '.0f')}/{_num((both or {}).get('minor_faults'), '.0f')}"
         lines.append(
             f"{config:<22} {routing:<7} {tokens:>5} {100 * forward['busiest_expert_share']:>5.0f} {contender:<17} | {_ms(forward):<24} "
             f"{_num(forward['speedup'], '.2f'):>7} {_num(forward['tflops'], '.3g'):>8} "
             f"{_num(forward['dense_share'] and 100 * forward['dense_share'], '.0f'):>6} {_num(forward['gbps'], '.3g'):>7} | "
-            f"{backward_cells} | {_num(peak and peak / 2**20, '.1f'):>8} {_num(forward['max_abs_err'], '.1e'):>8}"
+            f"{backward_cells} | {_num(peak and peak / 2**20, '.1f'):>8} {faults:>14} {_num(forward['max_abs_err'], '.1e'):>8}"
         )
     if not_run:
         lines += ["", "Not measured (contender: status: reason [configs]):"]

@@ -109,7 +109,7 @@ def measure_point(config, routing_mode, num_tokens, layer, reference64, device, 
         for pass_name in PASSES:
             row = {**point, "contender": contender.name, "pass": pass_name, "status": status, "reason": reason,
                    "median_ms": None, "p20_ms": None, "p80_ms": None, "repeats": None, "speedup": None,
-                   "tflops": None, "dense_share": None, "gbps": None, "peak_bytes": None,
+                   "tflops": None, "dense_share": None, "gbps": None, "peak_bytes": None, "minor_faults": None,
                    "max_abs_err": None, "err_reference": None}
             if status == "ok" and pass_name == "fwd+bwd" and prepared[contender.name].no_backward:
                 row["status"], row["reason"] = "n/a", prepared[contender.name].no_backward
@@ -148,7 +148,8 @@ def _time_into(racing: dict[str, dict], prepared, buffers, config, device, dense
             row["status"], row["reason"] = "failed", _describe(timing)
             continue
         row["peak_bytes"] = peak_memory_bytes(calls[name], device)
-        row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, repeats=timing.repeats)
+        row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, repeats=timing.repeats,
+                   minor_faults=timing.minor_faults)
         row["tflops"] = tflops(expert_flops(config, row["tokens"], backward), timing.median_ms)
         row["dense_share"] = row["tflops"] / dense_tflops
         if not backward:

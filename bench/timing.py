@@ -2,11 +2,15 @@
 
 GPU: ``triton.testing.do_bench`` with quantiles (it flushes L2 between calls and syncs the device).
 CPU: ``time.perf_counter`` around many warm calls; ``time_cpu_side_by_side`` interleaves the contenders
-of one measurement round by round. Both report the median and the 20th/80th percentiles,
-so a noisy shared machine shows as a wide p20–p80 band rather than as a wrong median.
+of one measurement round by round, and counts each call's minor page faults (``getrusage``, outside the timed
+span): memory a call maps afresh is faulted in on first write, at a cost that depends on what happened to
+those pages before (on a VM with free page reporting, 4-7 ms or 35-44 ms for the same 64 MiB on huge pages).
+Both report the median and the 20th/80th percentiles, so a noisy shared machine shows as a wide p20–p80 band
+rather than as a wrong median.
 """
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,12 +23,14 @@ QUANTILES = (0.5, 0.2, 0.8)
 
 @dataclass(frozen=True)
 class Timing:
-    """Median, 20th and 80th percentile of one call, in ms, over ``repeats`` warm calls."""
+    """Median, 20th and 80th percentile of one call, in ms, over ``repeats`` warm calls; ``minor_faults``: the
+    median of the minor page faults of the process during one call (None: not counted)."""
 
     median_ms: float
     p20_ms: float
     p80_ms: float
     repeats: int
+    minor_faults: float | None = None
 
 
 def time_cpu(fn: Callable[[], object], min_repeats: int = 3, max_repeats: int = 40, budget_s: float = 0.3) -> Timing:
@@ -42,27 +48,33 @@ def time_cpu(fn: Callable[[], object], min_repeats: int = 3, max_repeats: int = 
     return Timing(statistics.median(samples), deciles[1], deciles[7], len(samples))
 
 
-def time_cpu_side_by_side(calls: dict[str, Callable[[], object]], min_repeats: int = 3, max_repeats: int = 40,
+def time_cpu_side_by_side(calls: dict[str, Callable[[], object]], min_repeats: int = 5, max_repeats: int = 40,
                           budget_s: float = 0.3) -> dict[str, Timing | Exception]:
-    """``time_cpu`` for several calls at once, taking turns: each round calls every one once, so that a
+    """``time_cpu`` for several calls at once, taking turns: each round calls each of them once, so that a
     neighbour's load on a shared machine falls on all contenders alike and their ratio stays meaningful.
 
-    Rounds go on until ``budget_s`` per call is spent or ``max_repeats`` rounds (at least ``min_repeats``).
-    A call that raises is dropped from the race and its exception returned in its place.
+    Each call takes part in rounds until it has spent ``budget_s`` of its own (at least ``min_repeats`` calls,
+    at most ``max_repeats``), so that a slow contender leaves the race early instead of spending the faster
+    ones' rounds (with one budget for the whole race, a 300 ms peer left 3 calls to each of the others: their
+    medians rested on 3 samples); the race ends when fewer than two calls are left in it (one when it has one),
+    so that every sample is taken side by side. A call that raises is dropped from the race and its exception
+    returned in its place.
     """
     results: dict[str, Timing | Exception] = {}
     samples: dict[str, list[float]] = {}
+    faults: dict[str, list[int]] = {}
     for name, fn in calls.items():
         try:
             fn()
-            samples[name] = []
+            samples[name], faults[name] = [], []
         except Exception as failure:  # reported by the caller as a failed row
             results[name] = failure
-    start = time.perf_counter()
-    for round_index in range(max_repeats):
-        if round_index >= min_repeats and time.perf_counter() - start > budget_s * max(1, len(samples)):
+    for _ in range(max_repeats):
+        racing = [name for name, times in samples.items() if len(times) < min_repeats or sum(times) < budget_s * 1e3]
+        if len(racing) < min(2, len(samples)) or not racing:
             break
-        for name in list(samples):
+        for name in racing:
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             begin = time.perf_counter()
             try:
                 calls[name]()
@@ -71,9 +83,10 @@ def time_cpu_side_by_side(calls: dict[str, Callable[[], object]], min_repeats: i
                 del samples[name]
                 continue
             samples[name].append((time.perf_counter() - begin) * 1e3)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     for name, times in samples.items():
         deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-        results[name] = Timing(statistics.median(times), deciles[1], deciles[7], len(times))
+        results[name] = Timing(statistics.median(times), deciles[1], deciles[7], len(times), statistics.median(faults[name]))
     return results
 
 

@@ -41,6 +41,8 @@ TORCH_LIBRARY(moe_kernels, m) {
       "cpu_experts_forward(Tensor x, Tensor experts, Tensor weights, SymInt? capacity, Tensor up_weight, "
       "Tensor? up_bias, Tensor down_weight, Tensor? down_bias, str function, bool gated, float alpha, float? limit, "
       "float up_offset, bool interleaved) -> Tensor");
+  // No tensor to dispatch on: one kernel for every key.
+  m.def("cpu_release_memory() -> int", &moe_kernels::cpu_release_memory);
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {

@@ -56,6 +56,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_softmax_topk(const at::Tensor
                                                                 const std::optional<at::Tensor>& bias, int64_t k,
                                                                 bool renormalize);
 
+// Unmaps the freed weight-gradient mappings the CPU expert path keeps for reuse (csrc/cpu/huge_pages.h
+// MappingPool); returns their bytes.
+int64_t cpu_release_memory();
+
 // The capacity as an int, -1 for dropless (None), after checking every permute argument; 0 drops everything.
 inline int64_t check_permute_args(const at::Tensor& experts, int64_t num_experts, std::optional<int64_t> capacity,
                                   int64_t block_m) {

@@ -145,6 +145,16 @@ def expert_down_combine(hidden: Tensor, down_weight: Tensor, down_bias: Tensor |
                  recorded=grad_required(hidden, down_weight, down_bias, weights))
 
 
+def release_cpu_memory() -> int:
+    """Unmaps the memory the CPU expert path keeps for reuse and returns its bytes (0 without moe_kernels._C).
+
+    The backward's weight gradients of 1 MiB or more lie on mappings that, once their tensors are freed, are
+    kept (at most 1 GiB) for the next backward's gradients of the same size, so that a training step does not
+    fault them in afresh; like ``torch.cuda.empty_cache``, this gives them back to the system.
+    """
+    return torch.ops.moe_kernels.cpu_release_memory() if _C is not None else 0
+
+
 def fuses_experts(*tensors: Tensor | None) -> bool:
     """Whether moe_kernels::cpu_experts_forward (the three expert stages in one op, no autograd formula) takes
     this call: built, CPU tensors, eager, nothing records a gradient and no forward-mode AD."""

@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 
+import moe_kernels
 from helpers import assert_close
 from moe_kernels import native
 from moe_kernels.activations import PRESETS
@@ -132,26 +133,26 @@ def test_bitwise_the_same_for_any_thread_count(dtype, sizes):
 
 
 def test_large_weight_gradients_with_idle_experts():
-    """A weight gradient of 32 MiB or more lies on fresh zero pages the backward never fills (huge_pages.h):
-    the experts without rows must still read as exact zeros, the others as the reference."""
+    """A weight gradient of 32 MiB or more lies on pooled huge pages (huge_pages.h; fresh or kept ones): the
+    experts without rows must still read as exact zeros, the others as the reference."""
     tensors, experts = problem("swiglu", num_tokens=5, d=256, d_ff=256, num_experts=64, k=2, biases=True)
     dy = torch.randn(tensors["x"].shape, dtype=torch.float64)
     exact = run_stages(PYTORCH, tensors, experts, torch.float64, "swiglu", None, dy)[1]
     baseline = run_stages(PYTORCH, tensors, experts, torch.float32, "swiglu", None, dy)[1]
     actual = run_stages(NATIVE, tensors, experts, torch.float32, "swiglu", None, dy)[1]
-    assert actual["up_weight"].nbytes >= 32 << 20 and actual["up_weight"].data_ptr() % (2 << 20) == 0  # fresh pages
+    assert actual["up_weight"].nbytes >= 32 << 20 and actual["up_weight"].data_ptr() % (2 << 20) == 0  # its own mapping
     idle = torch.ones(64, dtype=torch.bool)
     idle[experts.flatten().long()] = False
     assert 40 < int(idle.sum()) < 64
     for name in ("up_weight", "down_weight", "up_bias", "down_bias"):
         assert actual[name].is_contiguous() and torch.equal(actual[name][idle], torch.zeros_like(actual[name][idle])), name
         assert_close(actual[name].double(), baseline[name].double(), exact[name], torch.float32, 3, f"grad of {name}")
-    actual["up_weight"].add_(1.0)  # an ordinary tensor: writable, and its memory is returned when freed
+    actual["up_weight"].add_(1.0)  # an ordinary tensor: writable, and its mapping kept for reuse when freed
     assert torch.equal(actual["up_weight"][idle], torch.ones_like(actual["up_weight"][idle]))
 
 
-def test_sparse_weight_gradients_on_fresh_small_pages():
-    """A weight gradient under 32 MiB with at most 1/8 of its experts written lies on fresh 4 KiB zero pages
+def test_sparse_weight_gradients_on_small_pages():
+    """A weight gradient under 32 MiB with at most 1/8 of its experts written lies on pooled 4 KiB pages
     (huge_pages.h): the experts without rows read as exact zeros, the others as the reference."""
     tensors, experts = problem("swiglu", num_tokens=3, d=128, d_ff=128, num_experts=64, k=2, biases=True)
     dy = torch.randn(tensors["x"].shape, dtype=torch.float64)
@@ -164,6 +165,50 @@ def test_sparse_weight_gradients_on_fresh_small_pages():
     assert int(idle.sum()) >= 56
     for name in ("up_weight", "down_weight"):
         assert actual[name].is_contiguous() and torch.equal(actual[name][idle], torch.zeros_like(actual[name][idle])), name
+        assert_close(actual[name].double(), baseline[name].double(), exact[name], torch.float32, 3, f"grad of {name}")
+
+
+@pytest.mark.parametrize("num_tokens", [3, 12], ids=["sparse-small-pages", "dense-huge-pages"])
+def test_weight_gradients_on_reused_mappings(num_tokens):
+    """A freed weight gradient's mapping is handed to the next backward (huge_pages.h MappingPool): its stale
+    contents (here NaN) must not leak, the experts without rows read as exact zeros (an expert's block of
+    211200 bytes is no whole number of pages: dropped pages and zero-filled edges), the others as the reference."""
+    shapes = dict(d=200, d_ff=132, num_experts=64, k=2, biases=True)
+    tensors, experts = problem("swiglu", num_tokens=num_tokens, **shapes, seed=1)
+    dy = torch.randn(tensors["x"].shape, dtype=torch.float64)
+    first = run_stages(NATIVE, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    addresses = {name: first[name].data_ptr() for name in ("up_weight", "down_weight")}
+    for gradient in first.values():
+        gradient.fill_(float("nan"))
+    del first
+    tensors, experts = problem("swiglu", num_tokens=num_tokens, **shapes, seed=2)
+    exact = run_stages(PYTORCH, tensors, experts, torch.float64, "swiglu", None, dy)[1]
+    baseline = run_stages(PYTORCH, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    actual = run_stages(NATIVE, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    idle = torch.ones(64, dtype=torch.bool)
+    idle[experts.flatten().long()] = False
+    assert 40 < int(idle.sum()) < 64
+    for name in ("up_weight", "down_weight", "up_bias", "down_bias"):
+        if name in addresses:
+            assert actual[name].data_ptr() == addresses[name], f"{name}: the freed mapping was not reused"
+        assert actual[name].is_contiguous() and torch.equal(actual[name][idle], torch.zeros_like(actual[name][idle])), name
+        assert_close(actual[name].double(), baseline[name].double(), exact[name], torch.float32, 3, f"grad of {name}")
+
+
+def test_release_cpu_memory_gives_the_kept_mappings_back():
+    """moe_kernels.release_cpu_memory() unmaps every kept gradient mapping (at least the two just freed) and
+    returns their bytes; after it the pool holds nothing, and the next backward maps afresh."""
+    tensors, experts = problem("swiglu", num_tokens=12, d=200, d_ff=132, num_experts=64, k=2)
+    dy = torch.randn(tensors["x"].shape, dtype=torch.float64)
+    grads = run_stages(NATIVE, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    freed = grads["up_weight"].nbytes + grads["down_weight"].nbytes
+    del grads
+    assert moe_kernels.release_cpu_memory() >= freed
+    assert moe_kernels.release_cpu_memory() == 0
+    exact = run_stages(PYTORCH, tensors, experts, torch.float64, "swiglu", None, dy)[1]
+    baseline = run_stages(PYTORCH, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    actual = run_stages(NATIVE, tensors, experts, torch.float32, "swiglu", None, dy)[1]
+    for name in ("up_weight", "down_weight"):
         assert_close(actual[name].double(), baseline[name].double(), exact[name], torch.float32, 3, f"grad of {name}")
 
 
